@@ -1,0 +1,49 @@
+"""SQLite: one atomic ``UPDATE ... RETURNING``, WAL and a busy timeout."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Engine
+
+from alchq._dialects.base import Dialect, on_connect, register
+
+logger = logging.getLogger("alchq.dialect")
+
+#: How long a connection waits for another process's write lock, in ms.
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _set_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+@register
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+    # SQLite has one writer at a time and no row locks: an UPDATE takes the
+    # database's write lock before it reads, so a single-statement claim is
+    # atomic across processes without SKIP LOCKED.
+    skip_locked = False
+    returning = True  # SQLite >= 3.35
+    partial_index = True
+
+    def prepare_engine(self, engine: Engine) -> None:
+        on_connect(engine, _set_busy_timeout)
+        if engine.url.database in (None, "", ":memory:") or "mode=memory" in str(engine.url):
+            return
+        # WAL lets readers and the writer proceed together, so several worker
+        # processes can share one file. The mode is stored in the file itself.
+        try:
+            with engine.connect() as conn:
+                _set_busy_timeout(conn.connection.dbapi_connection, None)
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                if str(mode).lower() != "wal":
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        except Exception as exc:  # a locked file must not stop the worker
+            logger.warning("could not switch SQLite database to WAL mode: %s", exc)

@@ -1,0 +1,41 @@
+"""Column types whose storage differs between databases."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import DateTime, Dialect
+from sqlalchemy.types import TypeDecorator
+
+#: Databases whose DATETIME column has no time zone: alchq stores naive UTC there.
+_NAIVE_STORAGE = frozenset({"sqlite", "mysql", "mariadb"})
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always a timezone-aware UTC ``datetime`` in Python.
+
+    PostgreSQL stores ``timestamptz``; SQLite and MySQL store naive UTC. A
+    naive ``datetime`` given by the app is taken to be UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+        value = value.astimezone(timezone.utc)
+        if dialect.name in _NAIVE_STORAGE:
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):  # pragma: no cover - driver oddity
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)

@@ -1,0 +1,94 @@
+"""Find the session a worker should use: a factory, an engine, or Flask-SQLAlchemy's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from alchq.exceptions import NoDatabaseError
+
+NO_DATABASE = (
+    "alchq's worker needs a database: pass session_factory=sessionmaker(engine) or "
+    "engine=create_engine(url), or call it inside a Flask app context with Flask-SQLAlchemy"
+)
+
+
+@dataclass
+class SessionSource:
+    """Where task sessions come from.
+
+    ``scoped`` sources (Flask-SQLAlchemy's ``db.session``) hand out the
+    context's one session, so that ``db.session`` inside ``run()`` *is* the
+    task's session; other sources make a new session per task.
+    """
+
+    factory: Callable[[], Session]
+    scoped: scoped_session[Any] | None = None
+    app_config: dict[str, Any] | None = None
+
+    def open(self) -> Session:
+        if self.scoped is not None:
+            return self.scoped()
+        return self.factory()
+
+    def release(self, session: Session) -> None:
+        """End a task's session so a long-running worker's identity map stays empty."""
+        if self.scoped is not None:
+            self.scoped.remove()
+        else:
+            session.close()
+
+
+def _flask_source() -> SessionSource | None:
+    try:
+        from flask import current_app, has_app_context
+    except ImportError:
+        return None
+    if not has_app_context():
+        return None
+    db = current_app.extensions.get("sqlalchemy")
+    if db is None:
+        raise NoDatabaseError(
+            "inside a Flask app but Flask-SQLAlchemy is not set up on it "
+            "(no app.extensions['sqlalchemy']); " + NO_DATABASE
+        )
+    source = from_object(db)
+    source.app_config = dict(current_app.config)
+    return source
+
+
+def from_object(obj: Any) -> SessionSource:
+    """Build a source from an Engine, sessionmaker, scoped_session, Flask-SQLAlchemy or callable."""
+    if isinstance(obj, Engine):
+        # Not expiring on commit lets process_one() return a task that can be
+        # read after its session has closed.
+        return SessionSource(sessionmaker(obj, expire_on_commit=False))
+    if isinstance(obj, scoped_session):
+        return SessionSource(obj, scoped=obj)
+    if isinstance(obj, sessionmaker):
+        maker: sessionmaker[Session] = obj
+        return SessionSource(lambda: maker(expire_on_commit=False))
+    session = getattr(obj, "session", None)
+    if isinstance(session, scoped_session):  # a Flask-SQLAlchemy ``db``
+        return SessionSource(session, scoped=session)
+    if callable(obj):
+        return SessionSource(obj)
+    raise NoDatabaseError(f"cannot make sessions from {obj!r}; " + NO_DATABASE)
+
+
+def resolve(session_factory: Any = None, engine: Engine | None = None) -> SessionSource:
+    """The explicit argument if any, else Flask-SQLAlchemy's session, else a clear error."""
+    if session_factory is not None and engine is not None:
+        raise NoDatabaseError("pass session_factory= or engine=, not both")
+    if session_factory is not None:
+        return from_object(session_factory)
+    if engine is not None:
+        return from_object(engine)
+    source = _flask_source()
+    if source is None:
+        raise NoDatabaseError(NO_DATABASE)
+    return source

@@ -1,0 +1,226 @@
+"""``BaseQueue``: the mixin that makes a SQLAlchemy model a task queue.
+
+Two forms work::
+
+    class MyTask(BaseQueue):            # alchq maps it, into alchq.metadata
+        ...
+
+    class MyTask(BaseQueue, db.Model):  # your base maps it, into your metadata
+        ...
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import Enum, Index, Integer, MetaData, String, Text, event, inspect
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    DeclarativeBaseNoMeta,
+    DeclarativeMeta,
+    Mapped,
+    Mapper,
+    declared_attr,
+    mapped_column,
+    registry,
+)
+
+from alchq._dialects import utc_now
+from alchq._dialects.base import ready_index_kwargs
+from alchq._dialects.types import UTCDateTime
+from alchq.exceptions import TaskDefinitionError
+
+__all__ = ["BaseQueue", "Status", "metadata", "mapper_registry"]
+
+
+class Status(str, enum.Enum):
+    """Where a task is in its life. A ``str``, so ``MyTask.status == "PENDING"`` works too.
+
+    ::
+
+        PENDING ──claim──▶ PROCESSING ──run() returns──▶ PROCESSED
+                                     └──run() raises───▶ ERROR  (then error(exc))
+    """
+
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    PROCESSED = "PROCESSED"
+    ERROR = "ERROR"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Metadata holding the tables of models written in the seed's form
+#: (``class MyTask(BaseQueue)``): pass it to ``create_all`` and to Alembic's
+#: ``target_metadata``. Models of the mixin form live in their base's metadata.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+#: The registry that maps seed-form models.
+mapper_registry = registry(metadata=metadata)
+
+_CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
+
+
+def snake_case(name: str) -> str:
+    """``MyTask`` → ``my_task``, ``HTTPTask`` → ``http_task`` (as Flask-SQLAlchemy does)."""
+    return _CAMEL.sub(r"_\1", name).lower().lstrip("_")
+
+
+def _mapped_by_its_base(cls: type) -> bool:
+    """True when a declarative base in ``cls``'s MRO maps it (the mixin form)."""
+    return isinstance(cls, DeclarativeMeta) or issubclass(
+        cls, (DeclarativeBase, DeclarativeBaseNoMeta)
+    )
+
+
+class BaseQueue:
+    """Mixin for a task model: a row is a task, its columns are the task's data.
+
+    Subclasses define their own columns (including a primary key) and a
+    ``run()`` method; ``error(exc)`` is optional. BaseQueue adds:
+
+    ``status``
+        a :class:`Status`, PENDING for a new row.
+    ``time_created``, ``time_updated``
+        timezone-aware UTC times from the database's clock.
+    ``alchq_attempts``
+        how many times the task has been claimed.
+    ``alchq_worker``
+        the worker that holds (or last held) the claim.
+    ``alchq_started_at``, ``alchq_finished_at``
+        when the last run started and ended.
+    ``alchq_error_type``, ``alchq_error_message``, ``alchq_traceback``
+        the exception of a failed run.
+
+    Example::
+
+        class MyTask(BaseQueue):
+            id = Column(Integer, primary_key=True)
+            operation = Column(String)
+
+            def run(self):
+                print(self.operation)
+    """
+
+    __alchq_base__: ClassVar[bool] = True
+
+    @declared_attr.directive
+    def __tablename__(cls) -> str:  # noqa: N805 - declared_attr is a class method
+        return snake_case(cls.__name__)
+
+    status: Mapped[Status] = mapped_column(
+        Enum(
+            Status,
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            name="alchq_status",
+            validate_strings=True,
+        ),
+        default=Status.PENDING,
+        server_default=Status.PENDING.value,
+        nullable=False,
+    )
+    time_created: Mapped[datetime] = mapped_column(
+        UTCDateTime(), server_default=utc_now(), nullable=False
+    )
+    time_updated: Mapped[datetime] = mapped_column(
+        UTCDateTime(), server_default=utc_now(), onupdate=utc_now(), nullable=False
+    )
+    alchq_attempts: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", nullable=False
+    )
+    alchq_worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    alchq_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    alchq_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    alchq_error_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    alchq_error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    alchq_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("__abstract__", False) or _mapped_by_its_base(cls):
+            return
+        if "__mapper__" in cls.__dict__:
+            return
+        # The seed's form: no declarative base of the app's, so alchq maps it.
+        mapper_registry.map_declaratively(cls)
+
+    def __init__(self, **kwargs: Any) -> None:
+        cls = type(self)
+        for key, value in kwargs.items():
+            if not hasattr(cls, key):
+                raise TypeError(f"{key!r} is an invalid keyword argument for {cls.__name__}")
+            setattr(self, key, value)
+        if "status" not in kwargs:
+            self.status = Status.PENDING
+
+    def run(self) -> None:
+        """Do the task. Override this; the worker calls it once per claim."""
+        raise NotImplementedError(f"{type(self).__name__} must define run()")
+
+    def error(self, exc: BaseException) -> None:
+        """Called after ``run()`` raised ``exc`` and the task was saved as ERROR.
+
+        The default does nothing (the worker has already logged the failure).
+        """
+
+    def __repr__(self) -> str:
+        state = inspect(self)
+        key = state.identity if state.identity is not None else "transient"
+        status = self.__dict__.get("status")
+        return f"<{type(self).__name__} {key} {status}>"
+
+
+def _add_ready_index(mapper: Mapper[Any], cls: type) -> None:
+    """Index the ready rows of each task table, in claim order."""
+    table = mapper.local_table
+    if not hasattr(table, "indexes") or mapper.inherits is not None:
+        return
+    name = f"ix_{table.name}_alchq_ready"
+    if any(ix.name == name for ix in table.indexes):
+        return
+    cols = table.c
+    pk = list(table.primary_key.columns)
+    # Leading with status makes the index useful on MySQL too, which has no
+    # partial indexes; elsewhere only PENDING rows are indexed at all.
+    Index(
+        name,
+        cols.status,
+        cols.time_created,
+        *pk,
+        **ready_index_kwargs(cols.status == Status.PENDING.value),
+    )
+
+
+event.listen(BaseQueue, "after_mapper_constructed", _add_ready_index, propagate=True)
+
+
+def check_task_model(model: object) -> type[BaseQueue]:
+    """Return ``model`` if it is a mapped BaseQueue subclass with ``run()``, else raise."""
+    if not isinstance(model, type) or not issubclass(model, BaseQueue):
+        raise TaskDefinitionError(f"{model!r} is not a BaseQueue model")
+    if model.run is BaseQueue.run:
+        raise TaskDefinitionError(
+            f"{model.__name__} has no run() method: define run(self) on the model"
+        )
+    try:
+        mapper = inspect(model)
+    except Exception:
+        mapper = None
+    if mapper is None or not isinstance(mapper, Mapper):
+        raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
+    if len(mapper.local_table.primary_key.columns) == 0:
+        raise TaskDefinitionError(f"{model.__name__} has no primary key")
+    return model
