@@ -47,6 +47,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from alchq._dialects import Dialect, dialect_for, utc_now
 from alchq._dialects.base import Claim
 from alchq._sessions import SessionSource, resolve
+from alchq._util import first_line, safe_url
 from alchq.config import Settings
 from alchq.exceptions import DatabaseUnreachableError, TableMissingError
 from alchq.model import BaseQueue, Status, check_task_model, metadata
@@ -95,16 +96,6 @@ class Outcome:
 def _label(model: type[BaseQueue], claim: Claim) -> str:
     key = claim.pk[0] if len(claim.pk) == 1 else claim.pk
     return f"{model.__name__} {key}"
-
-
-def _safe_url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return text[0] if text else type(orig).__name__
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -209,7 +200,7 @@ class Worker:
                     failures += 1
                     delay = min(self.settings.max_backoff, 0.25 * 2**failures)
                     logger.warning(
-                        "database error, retrying in %.1fs: %s", delay, _first_line(exc)
+                        "database error, retrying in %.1fs: %s", delay, first_line(exc)
                     )
                     self._stop.wait(delay)
                     continue
@@ -324,7 +315,7 @@ class Worker:
                     conn.exec_driver_sql("SELECT 1")
             except DBAPIError as again:
                 return DatabaseUnreachableError(
-                    f"cannot reach the database {_safe_url(engine)}: {_first_line(again)}"
+                    f"cannot reach the database {safe_url(engine)}: {first_line(again)}"
                 )
         table = inspect(model).local_table
         try:
@@ -341,7 +332,7 @@ class Worker:
                 how = "your app's metadata.create_all() (db.create_all()) or an Alembic migration"
             return TableMissingError(
                 f"table {table.name!r} for {model.__name__} does not exist in "
-                f"{_safe_url(engine)}: create it with {how}"
+                f"{safe_url(engine)}: create it with {how}"
             )
         return exc
 
@@ -360,7 +351,7 @@ class Worker:
         except Exception as exc:  # a row whose columns cannot be loaded
             session.rollback()
             self._record(session, model, claim, Outcome(Status.ERROR, exc, traceback.format_exc()), None)
-            self._log_end(label, Status.ERROR, started, f"row could not be loaded: {_first_line(exc)}")
+            self._log_end(label, Status.ERROR, started, f"row could not be loaded: {first_line(exc)}")
             return None
         if task is None:
             session.rollback()
@@ -443,7 +434,8 @@ class Worker:
         if detail is None:
             logger.info("%s %s in %.3fs", label, status.value, duration, extra=extra)
         else:
-            logger.info("%s %s in %.3fs: %s", label, status.value, duration, detail, extra=extra)
+            # A failed task is worth a look, but it is not the worker's error.
+            logger.warning("%s %s in %.3fs: %s", label, status.value, duration, detail, extra=extra)
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:

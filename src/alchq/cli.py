@@ -1,0 +1,95 @@
+"""The ``alchq`` command, for apps without Flask.
+
+::
+
+    alchq run my_app.tasks:MyTask --database-url URL   # or ALCHQ_DATABASE_URL
+    alchq create-tables my_app.tasks:MyTask --database-url URL
+    alchq demo
+
+The Flask commands (``flask alchq ...``) are in :mod:`alchq.flask` and use
+Click, as Flask does; this one uses argparse so that a plain
+``pip install alchq`` needs nothing but SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from alchq import __version__
+from alchq._commands import configure_logging, create_tables, load_models, make_engine, run_worker
+from alchq.exceptions import AlchqError
+
+
+def _url_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("ALCHQ_DATABASE_URL"),
+        help="SQLAlchemy database URL (default: $ALCHQ_DATABASE_URL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alchq", description="SQLAlchemy task queue worker.")
+    parser.add_argument("--version", action="version", version=f"alchq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a worker for one or more task models")
+    run.add_argument("models", nargs="+", metavar="MODULE:CLASS", help="task model(s) to serve")
+    _url_option(run)
+    run.add_argument("--poll-interval", type=float, default=None, help="seconds between polls when idle (default 1)")
+    run.add_argument("--burst", action="store_true", help="process every ready task, then exit")
+    run.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after N tasks")
+    run.add_argument("--log-level", default="INFO", help="level of alchq's log lines (default INFO)")
+
+    tables = sub.add_parser("create-tables", help="create the tables of task models")
+    tables.add_argument("models", nargs="+", metavar="MODULE:CLASS")
+    _url_option(tables)
+
+    demo = sub.add_parser("demo", help="run the hop/skip/jump demo on a SQLite file")
+    demo.add_argument("--database", default="alchq-demo.sqlite", help="SQLite file (recreated)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            configure_logging(args.log_level)
+            models = load_models(args.models)
+            engine = make_engine(args.database_url)
+            try:
+                run_worker(
+                    models,
+                    engine=engine,
+                    poll_interval=args.poll_interval,
+                    burst=args.burst,
+                    max_tasks=args.max_tasks,
+                )
+            finally:
+                engine.dispose()
+        elif args.command == "create-tables":
+            models = load_models(args.models)
+            engine = make_engine(args.database_url)
+            try:
+                names = create_tables(models, engine)
+            finally:
+                engine.dispose()
+            print("created (if missing): " + ", ".join(names))
+        elif args.command == "demo":
+            from alchq._demo import main as demo_main
+
+            demo_main(args.database)
+    except AlchqError as exc:
+        print(f"alchq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alchq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

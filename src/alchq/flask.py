@@ -1,0 +1,118 @@
+"""Flask integration: ``flask alchq run my_app.tasks:MyTask``.
+
+Add the command group with one line, either::
+
+    from alchq.flask import Alchq
+    Alchq(app)                          # or Alchq().init_app(app) in a factory
+
+or, if you only want the commands::
+
+    from alchq.flask import cli as alchq_cli
+    app.cli.add_command(alchq_cli)
+
+The worker finds the app's Flask-SQLAlchemy ``db`` by itself and uses
+``db.session``. Settings come from ``ALCHQ_*`` keys of ``app.config``
+(see :mod:`alchq.config`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+from alchq._commands import configure_logging, create_tables, load_models, run_worker
+from alchq.exceptions import AlchqError
+
+__all__ = ["Alchq", "cli"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+cli = AppGroup("alchq", help="alchq task queue commands.")
+
+
+def _fail_cleanly(fn: F) -> F:
+    """Report alchq's errors as one line and exit 1, never a traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AlchqError as exc:
+            click.echo(f"alchq: error: {exc}", err=True)
+            sys.exit(1)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def _db() -> Any:
+    from flask import current_app
+
+    from alchq.exceptions import NoDatabaseError
+
+    db = current_app.extensions.get("sqlalchemy")
+    if db is None:
+        raise NoDatabaseError("this Flask app has no Flask-SQLAlchemy extension (db = SQLAlchemy(app))")
+    return db
+
+
+@cli.command("run")
+@click.argument("models", nargs=-1, required=True, metavar="MODULE:CLASS...")
+@click.option("--poll-interval", type=float, default=None, help="Seconds between polls when idle.")
+@click.option("--burst", is_flag=True, help="Process every ready task, then exit.")
+@click.option("--max-tasks", type=int, default=None, metavar="N", help="Exit after N tasks.")
+@click.option("--log-level", default="INFO", show_default=True, help="Level of alchq's log lines.")
+@_fail_cleanly
+def run_command(
+    models: tuple[str, ...],
+    poll_interval: float | None,
+    burst: bool,
+    max_tasks: int | None,
+    log_level: str,
+) -> None:
+    """Run a worker for one or more task models."""
+    configure_logging(log_level)
+    run_worker(
+        load_models(models),
+        session_factory=_db(),
+        poll_interval=poll_interval,
+        burst=burst,
+        max_tasks=max_tasks,
+    )
+
+
+@cli.command("create-tables")
+@click.argument("models", nargs=-1, required=True, metavar="MODULE:CLASS...")
+@_fail_cleanly
+def create_tables_command(models: tuple[str, ...]) -> None:
+    """Create the tables of task models that do not exist yet."""
+    loaded = load_models(models)
+    db = _db()
+    names = create_tables(loaded, db.engine)
+    click.echo("created (if missing): " + ", ".join(names))
+
+
+class Alchq:
+    """Flask extension: registers the ``flask alchq`` commands.
+
+    :param app: the Flask app, or None to call :meth:`init_app` later.
+
+    Example::
+
+        db = SQLAlchemy(app)
+        Alchq(app)
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["alchq"] = self
+        if "alchq" not in app.cli.commands:
+            app.cli.add_command(cli)

@@ -1,0 +1,99 @@
+"""Fixtures: every integration test runs on real SQLite and real PostgreSQL.
+
+PostgreSQL is a throwaway server started here (tests/pgserver.py) unless
+``ALCHQ_TEST_POSTGRES_URL`` points at one. Without a server the PostgreSQL
+variants skip locally but fail in CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+
+from tests.pgserver import PgServer
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str | None]:
+    """URL of a PostgreSQL server (its ``postgres`` database), or None when unavailable."""
+    given = os.environ.get("ALCHQ_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    try:
+        server = PgServer().start()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        print(f"PostgreSQL unavailable, its tests skip: {exc}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+
+
+def _fresh_pg_database(base_url: str) -> str:
+    name = f"t{os.getpid()}_{next(_counter)}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database, once per supported database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    base = request.getfixturevalue("pg_base_url")
+    if base is None:
+        pytest.skip("PostgreSQL is not available")
+    return _fresh_pg_database(base)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for worker subprocesses: tests/ importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def alchq_command(*args: str) -> list[str]:
+    """The ``alchq`` command line, run with this interpreter."""
+    return [sys.executable, "-m", "alchq.cli", *args]
+
+
+def run_alchq(*args: str, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        alchq_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=worker_env(),
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,59 @@
+"""Task models shared by the tests; importable by worker subprocesses.
+
+``CountTask`` logs every committed run into ``run_log`` in the same
+transaction as PROCESSED, so "processed exactly once" can be counted in the
+database.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sqlalchemy import Column, ForeignKey, Integer, String, Table, insert
+from sqlalchemy.orm import object_session
+
+from alchq import BaseQueue, metadata
+
+run_log = Table(
+    "run_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("task_id", Integer, nullable=False),
+    Column("pid", Integer, nullable=False),
+)
+
+
+class CountTask(BaseQueue):
+    """Records each run in run_log; ``sleep`` makes it slow, ``fail`` makes it raise."""
+
+    id = Column(Integer, primary_key=True)
+    sleep = Column(Integer, default=0)  # milliseconds
+    fail = Column(String(50), nullable=True)
+
+    def run(self) -> None:
+        if self.sleep:
+            time.sleep(self.sleep / 1000)
+        session = object_session(self)
+        assert session is not None
+        session.execute(insert(run_log).values(task_id=self.id, pid=os.getpid()))
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+
+class Parent(BaseQueue):
+    """A task with a foreign key target, for relationship tests."""
+
+    id = Column(Integer, primary_key=True)
+    note = Column(String(50))
+
+    def run(self) -> None:
+        self.note = "ran"
+
+
+class Child(BaseQueue):
+    id = Column(Integer, primary_key=True)
+    parent_id = Column(Integer, ForeignKey("parent.id"))
+
+    def run(self) -> None:
+        pass
