@@ -86,14 +86,16 @@ def alchq_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "alchq.cli", *args]
 
 
-def run_alchq(*args: str, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run_alchq(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``alchq`` command to completion and capture its output."""
     return subprocess.run(
         alchq_command(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=worker_env(),
+        env=env or worker_env(),
         check=False,
-        **kwargs,  # type: ignore[arg-type]
     )

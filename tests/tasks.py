@@ -48,7 +48,7 @@ class Parent(BaseQueue):
     note = Column(String(50))
 
     def run(self) -> None:
-        self.note = "ran"
+        self.note = "ran"  # type: ignore[assignment]
 
 
 class Child(BaseQueue):

@@ -46,9 +46,7 @@ def make_engine(url: str | None) -> Engine:
         raise ConfigurationError(f"bad database URL {_hide(url)}: {exc}") from None
     except ModuleNotFoundError as exc:
         hint = " (pip install 'alchq[postgres]')" if "psycopg" in str(exc.name) else ""
-        raise ConfigurationError(
-            f"database driver {exc.name!r} is not installed{hint}"
-        ) from None
+        raise ConfigurationError(f"database driver {exc.name!r} is not installed{hint}") from None
 
 
 def _hide(url: str) -> str:

@@ -21,7 +21,9 @@ def import_model(ref: str) -> type[BaseQueue]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
             raise ImportTargetError(f"module {module_name!r} not found (from {ref!r})") from exc
         raise ImportTargetError(
             f"importing {module_name!r} failed: module {exc.name!r} not found"

@@ -32,7 +32,8 @@ class SessionSource:
 
     def open(self) -> Session:
         if self.scoped is not None:
-            return self.scoped()
+            session: Session = self.scoped()
+            return session
         return self.factory()
 
     def release(self, session: Session) -> None:

@@ -39,10 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a worker for one or more task models")
     run.add_argument("models", nargs="+", metavar="MODULE:CLASS", help="task model(s) to serve")
     _url_option(run)
-    run.add_argument("--poll-interval", type=float, default=None, help="seconds between polls when idle (default 1)")
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="seconds between polls when idle (default 1)",
+    )
     run.add_argument("--burst", action="store_true", help="process every ready task, then exit")
     run.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after N tasks")
-    run.add_argument("--log-level", default="INFO", help="level of alchq's log lines (default INFO)")
+    run.add_argument(
+        "--log-level", default="INFO", help="level of alchq's log lines (default INFO)"
+    )
 
     tables = sub.add_parser("create-tables", help="create the tables of task models")
     tables.add_argument("models", nargs="+", metavar="MODULE:CLASS")

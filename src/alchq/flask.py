@@ -57,7 +57,9 @@ def _db() -> Any:
 
     db = current_app.extensions.get("sqlalchemy")
     if db is None:
-        raise NoDatabaseError("this Flask app has no Flask-SQLAlchemy extension (db = SQLAlchemy(app))")
+        raise NoDatabaseError(
+            "this Flask app has no Flask-SQLAlchemy extension (db = SQLAlchemy(app))"
+        )
     return db
 
 

@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Enum, Index, Integer, MetaData, String, Text, event, inspect
+from sqlalchemy import Enum, Index, Integer, MetaData, String, Table, Text, event, inspect
 from sqlalchemy.orm import (
     DeclarativeBase,
     DeclarativeBaseNoMeta,
@@ -117,7 +117,7 @@ class BaseQueue:
 
     @declared_attr.directive
     def __tablename__(cls) -> str:  # noqa: N805 - declared_attr is a class method
-        return snake_case(cls.__name__)
+        return snake_case(cls.__name__)  # type: ignore[attr-defined]
 
     status: Mapped[Status] = mapped_column(
         Enum(
@@ -186,13 +186,13 @@ class BaseQueue:
 def _add_ready_index(mapper: Mapper[Any], cls: type) -> None:
     """Index the ready rows of each task table, in claim order."""
     table = mapper.local_table
-    if not hasattr(table, "indexes") or mapper.inherits is not None:
+    if not isinstance(table, Table) or mapper.inherits is not None:
         return
     name = f"ix_{table.name}_alchq_ready"
     if any(ix.name == name for ix in table.indexes):
         return
     cols = table.c
-    pk = list(table.primary_key.columns)
+    pk = list(table.primary_key)
     # Leading with status makes the index useful on MySQL too, which has no
     # partial indexes; elsewhere only PENDING rows are indexed at all.
     Index(
@@ -221,6 +221,6 @@ def check_task_model(model: object) -> type[BaseQueue]:
         mapper = None
     if mapper is None or not isinstance(mapper, Mapper):
         raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
-    if len(mapper.local_table.primary_key.columns) == 0:
+    if len(mapper.primary_key) == 0:
         raise TaskDefinitionError(f"{model.__name__} has no primary key")
     return model

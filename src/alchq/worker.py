@@ -86,7 +86,11 @@ class Outcome:
         }
         if self.exc is not None:
             cls = type(self.exc)
-            name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+            name = (
+                cls.__qualname__
+                if cls.__module__ == "builtins"
+                else f"{cls.__module__}.{cls.__qualname__}"
+            )
             values["alchq_error_type"] = name[:255]
             values["alchq_error_message"] = str(self.exc)[:_MAX_MESSAGE]
             values["alchq_traceback"] = (self.traceback or "")[-_MAX_TRACEBACK:]
@@ -199,9 +203,7 @@ class Worker:
                         raise
                     failures += 1
                     delay = min(self.settings.max_backoff, 0.25 * 2**failures)
-                    logger.warning(
-                        "database error, retrying in %.1fs: %s", delay, first_line(exc)
-                    )
+                    logger.warning("database error, retrying in %.1fs: %s", delay, first_line(exc))
                     self._stop.wait(delay)
                     continue
                 if not progressed:
@@ -286,7 +288,7 @@ class Worker:
             dialect = self._dialect(engine)
             claims = dialect.claim(
                 self._connection(session, mapper),
-                table,  # type: ignore[arg-type]
+                table,
                 ready=c.status == Status.PENDING,
                 order_by=[c.time_created, *table.primary_key.columns],
                 values={
@@ -297,7 +299,7 @@ class Worker:
                     "alchq_finished_at": None,
                     "time_updated": utc_now(),
                 },
-                token_column="alchq_attempts",
+                token_column="alchq_attempts",  # noqa: S106 - not a password
                 limit=1,
             )
             session.commit()
@@ -342,7 +344,11 @@ class Worker:
             "%s started (attempt %d)",
             label,
             claim.token,
-            extra={"alchq_model": model.__name__, "alchq_task_id": claim.pk, "alchq_attempt": claim.token},
+            extra={
+                "alchq_model": model.__name__,
+                "alchq_task_id": claim.pk,
+                "alchq_attempt": claim.token,
+            },
         )
         started = time.monotonic()
         key = claim.pk[0] if len(claim.pk) == 1 else claim.pk
@@ -350,8 +356,12 @@ class Worker:
             task = session.get(model, key, populate_existing=True)
         except Exception as exc:  # a row whose columns cannot be loaded
             session.rollback()
-            self._record(session, model, claim, Outcome(Status.ERROR, exc, traceback.format_exc()), None)
-            self._log_end(label, Status.ERROR, started, f"row could not be loaded: {first_line(exc)}")
+            self._record(
+                session, model, claim, Outcome(Status.ERROR, exc, traceback.format_exc()), None
+            )
+            self._log_end(
+                label, Status.ERROR, started, f"row could not be loaded: {first_line(exc)}"
+            )
             return None
         if task is None:
             session.rollback()
@@ -403,7 +413,7 @@ class Worker:
         )
         conn = self._connection(session, mapper)
         dialect = self._dialect(conn.engine)
-        if not dialect.finish(conn, table, claim, still_ours, values):  # type: ignore[arg-type]
+        if not dialect.finish(conn, table, claim, still_ours, values):
             session.rollback()
             logger.warning(
                 "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
@@ -418,7 +428,9 @@ class Worker:
             session.expire(task, ["alchq_finished_at", "time_updated"])
         return True
 
-    def _call_error(self, session: Session, task: BaseQueue, exc: BaseException, label: str) -> None:
+    def _call_error(
+        self, session: Session, task: BaseQueue, exc: BaseException, label: str
+    ) -> None:
         try:
             task.error(exc)
             session.commit()

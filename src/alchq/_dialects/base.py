@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import Engine, FunctionElement, event, tuple_, update
+from sqlalchemy import Engine, FunctionElement, event, select, tuple_, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import DateTime
@@ -116,9 +116,16 @@ class Dialect:
         key = tuple_(*pk_cols) if len(pk_cols) > 1 else pk_cols[0]
         token = table.c[token_column]
         if self.returning:
+            # The pick is a CTE, computed once. As a plain ``IN (subquery)``
+            # PostgreSQL may re-run it for every outer row (a nested-loop
+            # semi-join), and with SKIP LOCKED each re-run locks a *new* row:
+            # one claim would then take several tasks. MATERIALIZED forbids
+            # inlining it back (the prefix renders only on PostgreSQL).
+            picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
+            picked_key = tuple_(*picked.c) if len(pk_cols) > 1 else next(iter(picked.c))
             stmt = (
                 update(table)
-                .where(key.in_(pick.scalar_subquery() if len(pk_cols) == 1 else pick))
+                .where(key.in_(select(picked_key)))
                 .where(ready)
                 .values(values)
                 .returning(*pk_cols, token)
@@ -134,7 +141,6 @@ class Dialect:
         conn.execute(update(table).where(match).where(ready).values(values))
         sel = table.select().with_only_columns(*pk_cols, token).where(match)
         return [Claim(tuple(row[:-1]), int(row[-1])) for row in conn.execute(sel).all()]
-
 
     def finish(
         self,
@@ -152,7 +158,7 @@ class Dialect:
         pk_cols = list(table.primary_key.columns)
         stmt = (
             update(table)
-            .where(*(col == value for col, value in zip(pk_cols, claim.pk)))
+            .where(*(col == value for col, value in zip(pk_cols, claim.pk, strict=True)))
             .where(still_ours)
             .values(values)
         )
