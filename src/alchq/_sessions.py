@@ -57,9 +57,16 @@ def _flask_source() -> SessionSource | None:
             "inside a Flask app but Flask-SQLAlchemy is not set up on it "
             "(no app.extensions['sqlalchemy']); " + NO_DATABASE
         )
-    source = from_object(db)
-    source.app_config = dict(current_app.config)
-    return source
+    return from_object(db)
+
+
+def _app_config() -> dict[str, Any] | None:
+    """The current Flask app's config, for ``ALCHQ_*`` settings, if in an app context."""
+    try:
+        from flask import current_app, has_app_context
+    except ImportError:
+        return None
+    return dict(current_app.config) if has_app_context() else None
 
 
 def from_object(obj: Any) -> SessionSource:
@@ -86,10 +93,13 @@ def resolve(session_factory: Any = None, engine: Engine | None = None) -> Sessio
     if session_factory is not None and engine is not None:
         raise NoDatabaseError("pass session_factory= or engine=, not both")
     if session_factory is not None:
-        return from_object(session_factory)
-    if engine is not None:
-        return from_object(engine)
-    source = _flask_source()
-    if source is None:
-        raise NoDatabaseError(NO_DATABASE)
+        source = from_object(session_factory)
+    elif engine is not None:
+        source = from_object(engine)
+    else:
+        found = _flask_source()
+        if found is None:
+            raise NoDatabaseError(NO_DATABASE)
+        source = found
+    source.app_config = _app_config()
     return source
