@@ -36,3 +36,6 @@ test-slow: $(VENV)/.test
 
 clean:
 	rm -rf $(VENV) alchq-demo.sqlite* .mypy_cache .ruff_cache .pytest_cache
+
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.throughput
