@@ -26,7 +26,7 @@ lint: $(VENV)/.test
 	$(BIN)/ruff format --check src tests benchmarks
 
 typecheck: $(VENV)/.test
-	$(BIN)/mypy src tests
+	$(BIN)/mypy src tests benchmarks
 
 test: lint typecheck
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -81,11 +81,11 @@ def bare_psycopg(url: str) -> int:
     )
     done = 0
     while True:
-        row = conn.execute(CLAIM.format(lock=" FOR UPDATE SKIP LOCKED")).fetchone()  # type: ignore[arg-type]
+        row = conn.execute(CLAIM.format(lock=" FOR UPDATE SKIP LOCKED")).fetchone()
         conn.commit()
         if row is None:
             break
-        conn.execute(DONE.format(p="%s"), (row[0],))  # type: ignore[arg-type]
+        conn.execute(DONE.format(p="%s"), (row[0],))
         conn.commit()
         done += 1
     conn.close()
