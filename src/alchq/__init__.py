@@ -17,6 +17,9 @@ from alchq.exceptions import (
     NoDatabaseError,
     TableMissingError,
     TaskDefinitionError,
+    TaskFailure,
+    TaskTimeoutError,
+    WorkerLostError,
 )
 from alchq.model import BaseQueue, Status, metadata
 
@@ -33,6 +36,9 @@ __all__ = [
     "Status",
     "TableMissingError",
     "TaskDefinitionError",
+    "TaskFailure",
+    "TaskTimeoutError",
+    "WorkerLostError",
     "__version__",
     "metadata",
     "worker",

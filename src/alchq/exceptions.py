@@ -7,9 +7,12 @@
     │   ├── TaskDefinitionError    a model class is not a usable task
     │   ├── ImportTargetError      "module:Class" could not be imported
     │   └── NoDatabaseError        the worker was given no way to reach a database
-    └── DatabaseError              the database must be fixed (operator acts)
-        ├── DatabaseUnreachableError
-        └── TableMissingError
+    ├── DatabaseError              the database must be fixed (operator acts)
+    │   ├── DatabaseUnreachableError
+    │   └── TableMissingError
+    └── TaskFailure                given to error(): the task ended without run() raising
+        ├── WorkerLostError        its worker was lost too often (max_lost_claims)
+        └── TaskTimeoutError       run() overran the model's alchq_time_limit
 
 Exceptions raised by a task's ``run()`` are never wrapped: ``error()`` receives
 them exactly as raised.
@@ -48,3 +51,20 @@ class DatabaseUnreachableError(DatabaseError):
 
 class TableMissingError(DatabaseError):
     """A task model's table does not exist in the database."""
+
+
+class TaskFailure(AlchqError):
+    """Why a task ended in ERROR when it was not run() that raised."""
+
+
+class WorkerLostError(TaskFailure):
+    """The task's claims were lost with their workers too many times.
+
+    Each time a worker dies, freezes or is cut off mid-run, its lease expires
+    and the task goes back to PENDING; after ``max_lost_claims`` such losses
+    it ends in ERROR with this exception instead.
+    """
+
+
+class TaskTimeoutError(TaskFailure):
+    """``run()`` took longer than the model's ``alchq_time_limit`` and was stopped."""

@@ -16,7 +16,18 @@ import re
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Enum, Index, Integer, MetaData, String, Table, Text, event, inspect
+from sqlalchemy import (
+    CheckConstraint,
+    Enum,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    inspect,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     DeclarativeBaseNoMeta,
@@ -100,6 +111,11 @@ class BaseQueue:
         the worker that holds (or last held) the claim.
     ``alchq_started_at``, ``alchq_finished_at``
         when the last run started and ended.
+    ``alchq_lease_until``
+        while PROCESSING: when the claim expires unless the worker's heartbeat
+        renews it.
+    ``alchq_lost_claims``
+        how many claims of this task were lost with their worker.
     ``alchq_error_type``, ``alchq_error_message``, ``alchq_traceback``
         the exception of a failed run.
 
@@ -114,6 +130,10 @@ class BaseQueue:
     """
 
     __alchq_base__: ClassVar[bool] = True
+
+    #: Seconds a run may take before it is interrupted and ends in ERROR
+    #: with :class:`alchq.TaskTimeoutError`. Override per model.
+    alchq_time_limit: ClassVar[float] = 3600.0
 
     @declared_attr.directive
     def __tablename__(cls) -> str:  # noqa: N805 - declared_attr is a class method
@@ -144,6 +164,10 @@ class BaseQueue:
     alchq_worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     alchq_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     alchq_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    alchq_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    alchq_lost_claims: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", nullable=False
+    )
     alchq_error_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
     alchq_error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     alchq_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -183,28 +207,43 @@ class BaseQueue:
         return f"<{type(self).__name__} {key} {status}>"
 
 
-def _add_ready_index(mapper: Mapper[Any], cls: type) -> None:
-    """Index the ready rows of each task table, in claim order."""
+def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
+    """Indexes and constraints of each task table (added once, to the mapped table)."""
     table = mapper.local_table
     if not isinstance(table, Table) or mapper.inherits is not None:
         return
-    name = f"ix_{table.name}_alchq_ready"
-    if any(ix.name == name for ix in table.indexes):
+    ready = f"ix_{table.name}_alchq_ready"
+    if any(ix.name == ready for ix in table.indexes):
         return
     cols = table.c
     pk = list(table.primary_key)
-    # Leading with status makes the index useful on MySQL too, which has no
-    # partial indexes; elsewhere only PENDING rows are indexed at all.
+    # The claim's query, in its order. Leading with status makes the index
+    # useful on MySQL too, which has no partial indexes; elsewhere only
+    # PENDING rows are in it at all.
     Index(
-        name,
+        ready,
         cols.status,
         cols.time_created,
         *pk,
         **ready_index_kwargs(cols.status == Status.PENDING.value),
     )
+    # The rescue's query: expired leases among the (few) PROCESSING rows.
+    Index(
+        f"ix_{table.name}_alchq_leases",
+        cols.status,
+        cols.alchq_lease_until,
+        **ready_index_kwargs(cols.status == Status.PROCESSING.value),
+    )
+    # Counters a hand-written row could get wrong.
+    table.append_constraint(
+        CheckConstraint(
+            (cols.alchq_attempts >= 0) & (cols.alchq_lost_claims >= 0),
+            name="alchq_counters",
+        )
+    )
 
 
-event.listen(BaseQueue, "after_mapper_constructed", _add_ready_index, propagate=True)
+event.listen(BaseQueue, "after_mapper_constructed", _add_queue_schema, propagate=True)
 
 
 def check_task_model(model: object) -> type[BaseQueue]:

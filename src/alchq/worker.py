@@ -39,21 +39,36 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, inspect
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import Connection, Engine, Table, event, inspect, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq._dialects import Dialect, dialect_for, utc_now
 from alchq._dialects.base import Claim
+from alchq._monitor import (
+    InHand,
+    Monitor,
+    exit_now,
+    interrupt_thread,
+    lease_values,
+    replace_process,
+    send_alarm,
+)
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
 from alchq.config import Settings
-from alchq.exceptions import DatabaseUnreachableError, TableMissingError
+from alchq.exceptions import (
+    DatabaseUnreachableError,
+    TableMissingError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from alchq.model import BaseQueue, Status, check_task_model, metadata
 
 __all__ = [
     "Worker",
+    "WorkerShutdown",
     "process_all",
     "process_forever",
     "process_n",
@@ -102,10 +117,39 @@ def _label(model: type[BaseQueue], claim: Claim) -> str:
     return f"{model.__name__} {key}"
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, (OperationalError, InterfaceError)) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    )
+class WorkerShutdown(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
+    """Raised into ``run()`` when the worker must stop now (second signal, grace expired).
+
+    A BaseException so that a task's ``except Exception`` does not swallow it.
+    """
+
+
+#: Exit status of a worker stopped before the task in hand finished.
+EXIT_INTERRUPTED = 1
+
+
+@dataclass
+class _Deferred:
+    """An outcome the database was away for: written when it is back."""
+
+    hand: InHand
+    outcome: Outcome | None  # None: put the task back to PENDING
+    had_writes: bool = False
+
+
+class _WriteTracker(threading.local):
+    """Notes whether the thread's task executed any writing SQL during its run."""
+
+    active = False
+    writes = False
+
+
+_tracker = _WriteTracker()
+
+
+def _note_writes(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    if _tracker.active and not statement.lstrip()[:6].upper().startswith(("SELECT", "WITH")):
+        _tracker.writes = True
 
 
 class Worker:
@@ -116,6 +160,7 @@ class Worker:
         ``db`` or any callable returning a Session.
     :param engine: an Engine, instead of ``session_factory``.
     :param poll_interval: seconds to sleep when no task is ready.
+    :param settings: a full :class:`alchq.config.Settings` (leases, grace period...).
     :param name: this worker's id as recorded on the rows it claims
         (default ``host:pid:random``).
 
@@ -142,8 +187,19 @@ class Worker:
         )
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._stop = threading.Event()
+        self._abort = False
         self._dialects: dict[Engine, Dialect] = {}
         self._connected = False
+        self._deferred: _Deferred | None = None
+        self._next_rescue = 0.0
+        self._grace_timer: threading.Timer | None = None
+        self._app = self._current_app()
+        self._monitor = Monitor(
+            heartbeat=self._heartbeat,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            on_time_limit=self._time_limit_reached,
+            on_hard_deadline=self._hard_deadline_reached,
+        )
 
     # -- control -------------------------------------------------------------
 
@@ -159,11 +215,14 @@ class Worker:
 
     def process_one(self) -> BaseQueue | None:
         """Claim and run at most one ready task; return it, or None. Never waits."""
-        for model in self.models:
-            claimed, task = self._process(model, keep=True)
-            if claimed:
-                return task
-        return None
+        with self._running():
+            self._settle_deferred()
+            self._maybe_rescue()
+            for model in self.models:
+                claimed, task = self._process(model, keep=True)
+                if claimed:
+                    return task
+            return None
 
     def process_all(self) -> int:
         """Process every ready task (including ones created meanwhile); return how many."""
@@ -184,10 +243,14 @@ class Worker:
     def _loop(self, limit: int | None, wait: bool) -> int:
         done = 0
         failures = 0
-        with self._signals_stop_worker(install=wait):
-            while not self.stopping and (limit is None or done < limit):
+        with self._running():
+            while True:
+                self._settle_deferred()
+                if self.stopping or (limit is not None and done >= limit):
+                    break
                 progressed = False
                 try:
+                    self._maybe_rescue()
                     for model in self.models:
                         if self.stopping or (limit is not None and done >= limit):
                             break
@@ -196,14 +259,15 @@ class Worker:
                             done += 1
                             progressed = True
                     failures = 0
-                except (DatabaseUnreachableError, OperationalError, InterfaceError) as exc:
+                except (DatabaseUnreachableError, DBAPIError) as exc:
                     # Unreachable at start is a configuration problem: say so and
                     # stop. Once running, an outage is waited out, never fatal.
-                    if not self._connected:
+                    if not self._connected or not self._transient(exc):
                         raise
                     failures += 1
                     delay = min(self.settings.max_backoff, 0.25 * 2**failures)
-                    logger.warning("database error, retrying in %.1fs: %s", delay, first_line(exc))
+                    log = logger.warning if failures == 1 else logger.debug
+                    log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
                     self._stop.wait(delay)
                     continue
                 if not progressed:
@@ -212,28 +276,146 @@ class Worker:
                     self._stop.wait(self.settings.poll_interval)
         return done
 
+    def _transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, DatabaseUnreachableError):
+            return True
+        dialects = list(self._dialects.values()) or [Dialect()]
+        return any(d.is_transient(exc) for d in dialects)
+
     @contextlib.contextmanager
-    def _signals_stop_worker(self, install: bool) -> Iterator[None]:
-        """First SIGINT/SIGTERM: finish the task in hand, then return. Second: interrupt."""
-        if not install or threading.current_thread() is not threading.main_thread():
+    def _running(self) -> Iterator[None]:
+        """Signals and the monitor thread, for the duration of a public call."""
+        self._monitor.start()
+        try:
+            with self._signal_handlers():
+                try:
+                    yield
+                except WorkerShutdown:
+                    logger.warning(
+                        "worker %s stopped before the task in hand finished "
+                        "(it was put back to PENDING)",
+                        self.id,
+                    )
+                    raise SystemExit(EXIT_INTERRUPTED) from None
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            self._monitor.close()
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """SIGINT/SIGTERM stop the worker gracefully; SIGALRM delivers time limits.
+
+        Only the main thread can receive signals; elsewhere the worker relies
+        on :meth:`stop` and the monitor thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
+        previous: dict[signal.Signals, Any] = {}
 
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if self.stopping:
-                raise KeyboardInterrupt
-            logger.info(
-                "%s received, stopping after the current task (again to interrupt)",
-                signal.Signals(signum).name,
-            )
-            self.stop()
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            hand = self._monitor.hand
+            if not self.stopping:
+                self.stop()
+                if hand is None:
+                    logger.info("%s received, stopping", name)
+                    return
+                logger.info(
+                    "%s received: finishing %s within %.0fs, then stopping (again to stop now)",
+                    name,
+                    hand.label,
+                    self.settings.grace_period,
+                )
+                self._grace_timer = threading.Timer(self.settings.grace_period, self._grace_expired)
+                self._grace_timer.daemon = True
+                self._grace_timer.start()
+                return
+            self._stop_now(hand, f"{name} received again")
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        def on_alarm(signum: int, frame: FrameType | None) -> None:
+            hand = self._monitor.hand
+            if hand is not None and hand.interrupt == "timeout" and hand.in_run:
+                hand.in_run = False  # raise once
+                raise TaskTimeoutError(
+                    f"{hand.label} ran longer than its time limit of {hand.time_limit:g}s"
+                )
+            if hand is not None and hand.interrupt == "shutdown" and hand.in_run:
+                hand.in_run = False
+                raise WorkerShutdown()
+            chained = previous.get(signal.SIGALRM)
+            if callable(chained):
+                chained(signum, frame)
+
+        for sig, handler in (
+            (signal.SIGINT, on_stop),
+            (signal.SIGTERM, on_stop),
+            (signal.SIGALRM, on_alarm),
+        ):
+            previous[sig] = signal.signal(sig, handler)
         try:
             yield
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _grace_expired(self) -> None:
+        hand = self._monitor.hand
+        if hand is not None:
+            logger.warning(
+                "%s did not finish within the %.0fs grace period",
+                hand.label,
+                self.settings.grace_period,
+            )
+            self._stop_now(hand, "grace period over")
+
+    def _stop_now(self, hand: InHand | None, why: str) -> None:
+        """Stop at once: interrupt the task in hand; the monitor makes sure within kill_after."""
+        self._abort = True
+        self.stop()
+        if hand is None:
+            return
+        logger.warning("%s: stopping now (%s); the task goes back to PENDING", hand.label, why)
+        hand.interrupt = "shutdown"
+        hand.hard_deadline = time.monotonic() + self.settings.kill_after
+        if threading.get_ident() == hand.thread_id and hand.in_run:
+            hand.in_run = False
+            raise WorkerShutdown()
+        self._interrupt(hand, WorkerShutdown)
+
+    def _interrupt(self, hand: InHand, exc_type: type[BaseException]) -> None:
+        if not hand.in_run:
+            return  # between run() and its outcome: let the write finish
+        if hand.thread_id == threading.main_thread().ident:
+            send_alarm(hand.thread_id)
+        else:
+            interrupt_thread(hand.thread_id, exc_type)
+
+    def _time_limit_reached(self, hand: InHand) -> None:
+        """Monitor thread: the task overran its time limit; interrupt it."""
+        logger.warning(
+            "%s exceeded its time limit of %gs; interrupting it", hand.label, hand.time_limit
+        )
+        hand.interrupt = "timeout"
+        hand.hard_deadline = time.monotonic() + self.settings.kill_after
+        self._interrupt(hand, TaskTimeoutError)
+
+    def _hard_deadline_reached(self, hand: InHand) -> None:
+        """Monitor thread: the task did not stop when interrupted; end the process."""
+        if hand.interrupt == "timeout":
+            exc = TaskTimeoutError(
+                f"{hand.label} ran longer than its time limit of {hand.time_limit:g}s and "
+                "could not be interrupted; its worker process was replaced"
+            )
+            logger.error("%s could not be interrupted; replacing the worker process", hand.label)
+            with self._app_context():
+                self._finish_elsewhere(hand, Outcome(Status.ERROR, exc, None), call_error=True)
+            replace_process()
+        else:
+            logger.error("%s could not be interrupted; exiting now", hand.label)
+            self._finish_elsewhere(hand, None, call_error=False)
+            exit_now(EXIT_INTERRUPTED)
 
     # -- one task ----------------------------------------------------------------
 
@@ -248,11 +430,13 @@ class Worker:
             task = self._execute(session, model, claim)
             return True, task
         except BaseException:
-            session.rollback()
+            with contextlib.suppress(Exception):
+                session.rollback()
             raise
         finally:
             if not keep:
-                self.source.release(session)
+                with contextlib.suppress(Exception):
+                    self.source.release(session)
             elif self.source.scoped is None:
                 self._detach(session, task)
 
@@ -262,6 +446,8 @@ class Worker:
             if task is not None and task in session and inspect(task).expired_attributes:
                 session.refresh(task)
                 session.commit()
+        except DBAPIError:
+            pass  # the database went away; the task object stays as it was
         finally:
             session.close()
 
@@ -273,11 +459,24 @@ class Worker:
         if dialect is None:
             dialect = self._dialects[engine] = dialect_for(engine)
             dialect.prepare_engine(engine)
+            if not event.contains(engine, "before_cursor_execute", _note_writes):
+                event.listen(engine, "before_cursor_execute", _note_writes)
         return dialect
 
     def _engine(self, session: Session, mapper: Mapper[Any]) -> Engine:
         bind = session.get_bind(mapper=mapper)
         return bind if isinstance(bind, Engine) else bind.engine
+
+    def _claim_values(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "status": Status.PROCESSING,
+            "alchq_worker": self.id,
+            "alchq_started_at": utc_now(),
+            "alchq_finished_at": None,
+            "alchq_lease_until": utc_now(self.settings.lease),
+            "time_updated": utc_now(),
+            **extra,
+        }
 
     def _claim(self, session: Session, model: type[BaseQueue]) -> Claim | None:
         mapper = inspect(model)
@@ -291,27 +490,21 @@ class Worker:
                 table,
                 ready=c.status == Status.PENDING,
                 order_by=[c.time_created, *table.primary_key.columns],
-                values={
-                    "status": Status.PROCESSING,
-                    "alchq_worker": self.id,
-                    "alchq_attempts": c.alchq_attempts + 1,
-                    "alchq_started_at": utc_now(),
-                    "alchq_finished_at": None,
-                    "time_updated": utc_now(),
-                },
+                values=self._claim_values(alchq_attempts=c.alchq_attempts + 1),
                 token_column="alchq_attempts",  # noqa: S106 - not a password
                 limit=1,
             )
             session.commit()
         except DBAPIError as exc:
-            session.rollback()
+            with contextlib.suppress(Exception):
+                session.rollback()
             raise self._diagnose(exc, model, engine) from exc
         self._connected = True
         return claims[0] if claims else None
 
     def _diagnose(self, exc: DBAPIError, model: type[BaseQueue], engine: Engine) -> Exception:
         """Turn a failed claim into a clear error: unreachable, table missing, or as is."""
-        if _is_connection_error(exc):
+        if self._dialect(engine).is_transient(exc):
             try:
                 with engine.connect() as conn:
                     conn.exec_driver_sql("SELECT 1")
@@ -319,6 +512,7 @@ class Worker:
                 return DatabaseUnreachableError(
                     f"cannot reach the database {safe_url(engine)}: {first_line(again)}"
                 )
+            return exc
         table = inspect(model).local_table
         try:
             exists = inspect(engine).has_table(table.name, schema=table.schema)
@@ -338,8 +532,33 @@ class Worker:
             )
         return exc
 
+    def _hand(self, session: Session, model: type[BaseQueue], claim: Claim) -> InHand:
+        mapper = inspect(model)
+        engine = self._engine(session, mapper)
+        table = mapper.local_table
+        assert isinstance(table, Table)
+        return InHand(
+            model=model,
+            claim=claim,
+            table=table,
+            engine=engine,
+            dialect=self._dialect(engine),
+            label=_label(model, claim),
+            time_limit=float(model.alchq_time_limit),
+            thread_id=threading.get_ident(),
+        )
+
     def _execute(self, session: Session, model: type[BaseQueue], claim: Claim) -> BaseQueue | None:
-        label = _label(model, claim)
+        hand = self._hand(session, model, claim)
+        self._monitor.hold(hand)
+        try:
+            return self._execute_held(session, hand)
+        finally:
+            if self._deferred is None or self._deferred.hand is not hand:
+                self._monitor.drop(hand)
+
+    def _execute_held(self, session: Session, hand: InHand) -> BaseQueue | None:
+        model, claim, label = hand.model, hand.claim, hand.label
         logger.info(
             "%s started (attempt %d)",
             label,
@@ -350,40 +569,56 @@ class Worker:
                 "alchq_attempt": claim.token,
             },
         )
-        started = time.monotonic()
         key = claim.pk[0] if len(claim.pk) == 1 else claim.pk
         try:
             task = session.get(model, key, populate_existing=True)
         except Exception as exc:  # a row whose columns cannot be loaded
-            session.rollback()
-            self._record(
-                session, model, claim, Outcome(Status.ERROR, exc, traceback.format_exc()), None
-            )
-            self._log_end(
-                label, Status.ERROR, started, f"row could not be loaded: {first_line(exc)}"
-            )
+            with contextlib.suppress(Exception):
+                session.rollback()
+            if hand.dialect.is_transient(exc):
+                self._defer(hand, None)
+                return None
+            outcome = Outcome(Status.ERROR, exc, traceback.format_exc())
+            self._finish(session, hand, outcome, None, detail=f"row could not be loaded: {exc}")
             return None
         if task is None:
             session.rollback()
             logger.warning("%s was deleted after it was claimed; skipped", label)
             return None
+        _tracker.active, _tracker.writes = True, False
         try:
-            task.run()
+            try:
+                hand.in_run = True
+                task.run()
+            finally:
+                hand.in_run = False
             self._keep_status(task)
             session.flush()
+        except WorkerShutdown:
+            _tracker.active = False
+            with contextlib.suppress(Exception):
+                session.rollback()
+            self._release(session, hand)
+            raise
         except BaseException as exc:
-            # Everything run() raises ends the task, Ctrl-C and sys.exit() included;
-            # then non-Exceptions are re-raised so the worker can stop.
+            # Everything run() raises ends the task, Ctrl-C and sys.exit()
+            # included: real signals reach the worker through its handlers.
+            _tracker.active = False
             tb = traceback.format_exc()
-            session.rollback()
-            if self._record(session, model, claim, Outcome(Status.ERROR, exc, tb), task):
-                self._log_end(label, Status.ERROR, started, f"{type(exc).__name__}: {exc}")
-                self._call_error(session, task, exc, label)
-            if not isinstance(exc, Exception):
-                raise
+            with contextlib.suppress(Exception):
+                session.rollback()
+            if hand.dialect.is_transient(exc):
+                logger.warning(
+                    "%s: the database went away during run() (%s); it will run again",
+                    label,
+                    first_line(exc),
+                )
+                self._defer(hand, None)
+                return task
+            self._finish(session, hand, Outcome(Status.ERROR, exc, tb), task)
             return task
-        if self._record(session, model, claim, Outcome(Status.PROCESSED), task):
-            self._log_end(label, Status.PROCESSED, started)
+        _tracker.active = False
+        self._finish(session, hand, Outcome(Status.PROCESSED), task, had_writes=_tracker.writes)
         return task
 
     @staticmethod
@@ -393,40 +628,84 @@ class Worker:
         if history.has_changes():
             set_committed_value(task, "status", Status.PROCESSING)
 
-    def _record(
-        self,
-        session: Session,
-        model: type[BaseQueue],
-        claim: Claim,
-        outcome: Outcome,
-        task: BaseQueue | None,
-    ) -> bool:
-        """Commit ``outcome`` (with what run() flushed) if the claim is still ours."""
-        mapper = inspect(model)
-        table = mapper.local_table
-        c = table.c
-        values = outcome.values()
-        still_ours = (
+    def _still_ours(self, hand: InHand) -> Any:
+        c = hand.table.c
+        return (
             (c.status == Status.PROCESSING)
             & (c.alchq_worker == self.id)
-            & (c.alchq_attempts == claim.token)
+            & (c.alchq_attempts == hand.claim.token)
         )
-        conn = self._connection(session, mapper)
-        dialect = self._dialect(conn.engine)
-        if not dialect.finish(conn, table, claim, still_ours, values):
-            session.rollback()
+
+    def _finish(
+        self,
+        session: Session,
+        hand: InHand,
+        outcome: Outcome,
+        task: BaseQueue | None,
+        *,
+        had_writes: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        """Commit ``outcome`` (with what run() flushed) if the claim is still ours."""
+        values = outcome.values()
+        try:
+            conn = self._connection(session, inspect(hand.model))
+            if not hand.dialect.finish(
+                conn, hand.table, hand.claim, self._still_ours(hand), values
+            ):
+                session.rollback()
+                logger.warning(
+                    "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
+                    hand.label,
+                    outcome.status.value,
+                )
+                return
+            session.commit()
+        except DBAPIError as exc:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            if not hand.dialect.is_transient(exc):
+                raise
             logger.warning(
-                "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
-                _label(model, claim),
+                "%s: could not record %s, the database is away (%s); will retry",
+                hand.label,
                 outcome.status.value,
+                first_line(exc),
             )
-            return False
-        session.commit()
+            self._defer(hand, outcome, had_writes)
+            return
         if task is not None:
             for key in ("status", "alchq_error_type", "alchq_error_message", "alchq_traceback"):
                 set_committed_value(task, key, values[key])
-            session.expire(task, ["alchq_finished_at", "time_updated"])
-        return True
+            session.expire(task, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
+        if outcome.exc is not None and detail is None:
+            detail = f"{type(outcome.exc).__name__}: {outcome.exc}"
+        self._log_end(hand, outcome.status, detail)
+        if outcome.status is Status.ERROR and task is not None and outcome.exc is not None:
+            self._call_error(session, task, outcome.exc, hand.label)
+
+    def _release(self, session: Session, hand: InHand) -> bool:
+        """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
+        values = {
+            "status": Status.PENDING,
+            "alchq_worker": None,
+            "alchq_lease_until": None,
+            "time_updated": utc_now(),
+        }
+        try:
+            conn = self._connection(session, inspect(hand.model))
+            ok = hand.dialect.finish(conn, hand.table, hand.claim, self._still_ours(hand), values)
+            session.commit()
+        except DBAPIError as exc:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            logger.warning(
+                "%s: could not release it (%s); its lease will", hand.label, first_line(exc)
+            )
+            return False
+        if ok:
+            logger.info("%s released: back to PENDING", hand.label)
+        return ok
 
     def _call_error(
         self, session: Session, task: BaseQueue, exc: BaseException, label: str
@@ -435,19 +714,260 @@ class Worker:
             task.error(exc)
             session.commit()
         except Exception as err:
-            session.rollback()
+            with contextlib.suppress(Exception):
+                session.rollback()
             logger.error("%s: error() raised %s: %s", label, type(err).__name__, err)
             logger.debug("error() traceback", exc_info=True)
 
     @staticmethod
-    def _log_end(label: str, status: Status, started: float, detail: str | None = None) -> None:
-        duration = time.monotonic() - started
+    def _log_end(hand: InHand, status: Status, detail: str | None = None) -> None:
+        duration = time.monotonic() - hand.started
         extra = {"alchq_outcome": status.value, "alchq_duration": duration}
         if detail is None:
-            logger.info("%s %s in %.3fs", label, status.value, duration, extra=extra)
+            logger.info("%s %s in %.3fs", hand.label, status.value, duration, extra=extra)
         else:
             # A failed task is worth a look, but it is not the worker's error.
-            logger.warning("%s %s in %.3fs: %s", label, status.value, duration, detail, extra=extra)
+            logger.warning(
+                "%s %s in %.3fs: %s", hand.label, status.value, duration, detail, extra=extra
+            )
+
+    # -- the database was away: outcomes written later ---------------------------
+
+    def _defer(self, hand: InHand, outcome: Outcome | None, had_writes: bool = False) -> None:
+        self._deferred = _Deferred(hand, outcome, had_writes)
+
+    def _settle_deferred(self) -> None:
+        """Write the outcome the database was away for, waiting for it to come back."""
+        failures = 0
+        while self._deferred is not None:
+            deferred = self._deferred
+            try:
+                self._settle(deferred)
+            except DBAPIError as exc:
+                if not deferred.hand.dialect.is_transient(exc):
+                    raise
+                if self._abort:
+                    logger.warning(
+                        "%s: giving up on the database; its lease will put it back",
+                        deferred.hand.label,
+                    )
+                    self._deferred = None
+                    self._monitor.drop(deferred.hand)
+                    return
+                failures += 1
+                delay = min(self.settings.max_backoff, 0.25 * 2**failures)
+                log = logger.warning if failures == 1 else logger.debug
+                log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
+                time.sleep(delay)
+                continue
+            self._deferred = None
+            self._monitor.drop(deferred.hand)
+            if failures:
+                logger.info("database is back")
+
+    def _settle(self, deferred: _Deferred) -> None:
+        hand, outcome = deferred.hand, deferred.outcome
+        c = hand.table.c
+        pk_match = [col == v for col, v in zip(hand.table.primary_key, hand.claim.pk, strict=True)]
+        call_error = False
+        with hand.engine.connect() as conn:
+            row = conn.execute(
+                select(c.status, c.alchq_worker, c.alchq_attempts).where(*pk_match)
+            ).one_or_none()
+            if row is None:
+                logger.warning("%s was deleted while the database was away", hand.label)
+                return
+            ours = row.alchq_worker == self.id and row.alchq_attempts == hand.claim.token
+            if not ours:
+                logger.warning(
+                    "%s was taken over while the database was away; this worker's outcome "
+                    "was discarded",
+                    hand.label,
+                )
+                return
+            if row.status != Status.PROCESSING:
+                # The commit we lost sight of did land.
+                call_error = row.status == Status.ERROR
+            elif outcome is None or (outcome.status is Status.PROCESSED and deferred.had_writes):
+                # Its run's writes died with the connection: run it again.
+                values = {
+                    "status": Status.PENDING,
+                    "alchq_worker": None,
+                    "alchq_lease_until": None,
+                    "time_updated": utc_now(),
+                }
+                hand.dialect.finish(conn, hand.table, hand.claim, self._still_ours(hand), values)
+                conn.commit()
+                logger.warning("%s: back to PENDING; it will run again", hand.label)
+                return
+            else:
+                hand.dialect.finish(
+                    conn, hand.table, hand.claim, self._still_ours(hand), outcome.values()
+                )
+                conn.commit()
+                call_error = outcome.status is Status.ERROR
+        if outcome is not None:
+            self._log_end(hand, outcome.status, "recorded once the database was back")
+            if call_error and outcome.exc is not None:
+                self._error_in_new_session(hand, outcome.exc)
+
+    def _error_in_new_session(self, hand: InHand, exc: BaseException) -> None:
+        session = self.source.open()
+        try:
+            key = hand.claim.pk[0] if len(hand.claim.pk) == 1 else hand.claim.pk
+            task = session.get(hand.model, key)
+            if task is not None:
+                self._call_error(session, task, exc, hand.label)
+        finally:
+            with contextlib.suppress(Exception):
+                self.source.release(session)
+
+    def _finish_elsewhere(self, hand: InHand, outcome: Outcome | None, *, call_error: bool) -> None:
+        """From the monitor thread: end the claim on a fresh connection, not waiting on locks."""
+        values = (
+            outcome.values()
+            if outcome is not None
+            else {
+                "status": Status.PENDING,
+                "alchq_worker": None,
+                "alchq_lease_until": None,
+                "time_updated": utc_now(),
+            }
+        )
+        try:
+            with hand.engine.connect() as conn:
+                with hand.dialect.short_lock_wait(conn, 1.0):
+                    ok = hand.dialect.finish(
+                        conn, hand.table, hand.claim, self._still_ours(hand), values
+                    )
+                    conn.commit()
+        except Exception as exc:
+            logger.warning(
+                "%s: could not end its claim (%s); its lease will", hand.label, first_line(exc)
+            )
+            return
+        if ok and outcome is not None:
+            self._log_end(hand, outcome.status, f"{type(outcome.exc).__name__}: {outcome.exc}")
+            if call_error and outcome.exc is not None:
+                self._error_in_new_session(hand, outcome.exc)
+        elif ok:
+            logger.info("%s released: back to PENDING", hand.label)
+
+    # -- heartbeat and rescue -------------------------------------------------------
+
+    def _heartbeat(self, hand: InHand) -> bool:
+        """Monitor thread: renew the lease; False if the claim is no longer ours."""
+        with hand.engine.connect() as conn:
+            with hand.dialect.short_lock_wait(conn, 1.0):
+                ok = hand.dialect.finish(
+                    conn,
+                    hand.table,
+                    hand.claim,
+                    self._still_ours(hand),
+                    lease_values(self.settings.lease),
+                )
+                conn.commit()
+        return ok
+
+    def _maybe_rescue(self) -> None:
+        if time.monotonic() < self._next_rescue:
+            return
+        self._next_rescue = time.monotonic() + self.settings.rescue_interval
+        for model in self.models:
+            self._rescue(model)
+
+    def _rescue(self, model: type[BaseQueue]) -> None:
+        """Put tasks of lost workers back, or end them once they were lost too often."""
+        session = self.source.open()
+        try:
+            mapper = inspect(model)
+            table = mapper.local_table
+            assert isinstance(table, Table)
+            c = table.c
+            engine = self._engine(session, mapper)
+            dialect = self._dialect(engine)
+            expired = (c.status == Status.PROCESSING) & (
+                c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now())
+            )
+            max_lost = int(self.settings.max_lost_claims)
+            try:
+                back = dialect.claim(
+                    self._connection(session, mapper),
+                    table,
+                    ready=expired & (c.alchq_lost_claims + 1 < max_lost),
+                    order_by=[c.alchq_lease_until],
+                    values={
+                        "status": Status.PENDING,
+                        "alchq_worker": None,
+                        "alchq_lease_until": None,
+                        "alchq_lost_claims": c.alchq_lost_claims + 1,
+                        "time_updated": utc_now(),
+                    },
+                    token_column="alchq_lost_claims",  # noqa: S106 - not a password
+                    limit=100,
+                )
+                session.commit()
+                lost = dialect.claim(
+                    self._connection(session, mapper),
+                    table,
+                    ready=expired & (c.alchq_lost_claims + 1 >= max_lost),
+                    order_by=[c.alchq_lease_until],
+                    values=self._claim_values(
+                        alchq_attempts=c.alchq_attempts + 1,
+                        alchq_lost_claims=c.alchq_lost_claims + 1,
+                    ),
+                    token_column="alchq_attempts",  # noqa: S106 - not a password
+                    limit=10,
+                )
+                session.commit()
+            except DBAPIError as exc:
+                with contextlib.suppress(Exception):
+                    session.rollback()
+                raise self._diagnose(exc, model, engine) from exc
+            for claim in back:
+                logger.warning(
+                    "%s: its worker was lost (lease expired); back to PENDING "
+                    "(lost claims: %d of %d)",
+                    _label(model, claim),
+                    claim.token,
+                    max_lost,
+                )
+            for claim in lost:
+                hand = self._hand(session, model, claim)
+                self._monitor.hold(hand)
+                try:
+                    key = claim.pk[0] if len(claim.pk) == 1 else claim.pk
+                    task = session.get(model, key, populate_existing=True)
+                    gone = WorkerLostError(
+                        f"{hand.label} lost its worker {max_lost} times (killed, frozen or "
+                        "cut off mid-run); giving up"
+                    )
+                    self._finish(session, hand, Outcome(Status.ERROR, gone, None), task)
+                finally:
+                    if self._deferred is None or self._deferred.hand is not hand:
+                        self._monitor.drop(hand)
+        finally:
+            with contextlib.suppress(Exception):
+                self.source.release(session)
+
+    # -- Flask -------------------------------------------------------------------------
+
+    @staticmethod
+    def _current_app() -> Any:
+        try:
+            from flask import current_app, has_app_context
+        except ImportError:
+            return None
+        return current_app._get_current_object() if has_app_context() else None  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _app_context(self) -> Iterator[None]:
+        """In another thread, the Flask app context the worker was started in."""
+        if self._app is None:
+            yield
+            return
+        with self._app.app_context():
+            yield
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:

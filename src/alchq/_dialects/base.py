@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import Engine, FunctionElement, event, select, tuple_, update
+from sqlalchemy import Engine, Float, FunctionElement, bindparam, event, select, tuple_, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import DateTime
@@ -16,18 +18,29 @@ if TYPE_CHECKING:
 
 
 class utc_now(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
-    """The database server's current UTC time.
+    """The database server's current UTC time, optionally plus ``seconds``.
 
-    Used for every timestamp alchq writes so that all times come from one
-    clock (the database's), never from a worker's possibly skewed clock.
+    Used for every timestamp alchq writes or compares, so that all times come
+    from one clock (the database's), never from a worker's possibly skewed one.
     """
 
     type = DateTime(timezone=True)
     inherit_cache = True
 
+    def __init__(self, seconds: float | None = None) -> None:
+        # The offset is a bound parameter, so it is part of the cache key.
+        args = () if seconds is None else (bindparam(None, float(seconds), type_=Float()),)
+        super().__init__(*args)
+
+    def offset(self, compiler: SQLCompiler, **kw: Any) -> str | None:
+        clauses = list(self.clauses)
+        return compiler.process(clauses[0], **kw) if clauses else None
+
 
 @compiles(utc_now)
 def _utc_now_default(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
+    if element.offset(compiler, **kw) is not None:
+        raise NotImplementedError("utc_now(seconds) needs a supported database")
     return "CURRENT_TIMESTAMP"
 
 
@@ -36,7 +49,10 @@ def _utc_now_postgresql(element: utc_now, compiler: SQLCompiler, **kw: Any) -> s
     # now()/CURRENT_TIMESTAMP is the *transaction* start; statement_timestamp()
     # keeps rows inserted in one long transaction in insertion order and gives
     # real start/finish times to a task whose transaction spans its run().
-    return "statement_timestamp()"
+    offset = element.offset(compiler, **kw)
+    if offset is None:
+        return "statement_timestamp()"
+    return f"(statement_timestamp() + make_interval(secs => {offset}))"
 
 
 @compiles(utc_now, "sqlite")
@@ -44,13 +60,19 @@ def _utc_now_sqlite(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
     # CURRENT_TIMESTAMP has one-second resolution on SQLite. This gives
     # milliseconds, padded to the six fractional digits SQLAlchemy's SQLite
     # DateTime writes, so server-made and client-made times compare as text.
-    return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+    offset = element.offset(compiler, **kw)
+    if offset is None:
+        return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', ({offset}) || ' seconds')"
 
 
 @compiles(utc_now, "mysql")
 @compiles(utc_now, "mariadb")
 def _utc_now_mysql(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "UTC_TIMESTAMP(6)"
+    offset = element.offset(compiler, **kw)
+    if offset is None:
+        return "UTC_TIMESTAMP(6)"
+    return f"(UTC_TIMESTAMP(6) + INTERVAL ROUND(({offset}) * 1000000) MICROSECOND)"
 
 
 ReadyIndexKwargs = dict[str, Any]
@@ -92,6 +114,30 @@ class Dialect:
     def prepare_engine(self, engine: Engine) -> None:
         """Adjust a worker's engine once, before its first claim."""
 
+    @contextlib.contextmanager
+    def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:
+        """Within this block, give up on a lock after ``seconds`` instead of waiting.
+
+        For the heartbeat and last-resort writes, which must not hang behind a
+        lock held by the (stuck) task's own transaction.
+        """
+        yield
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Is ``exc`` the database being away (retry later), not a fault of the SQL or data?
+
+        Lost connections, server restarts and shutdowns, failovers (including
+        read-only windows), serialization failures and lock timeouts are.
+        """
+        if not isinstance(exc, DBAPIError):
+            return False
+        if exc.connection_invalidated or isinstance(exc, InterfaceError):
+            return True
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if isinstance(code, str):
+            return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+        return isinstance(exc, OperationalError)
+
     def claim(
         self,
         conn: Connection,
@@ -102,11 +148,13 @@ class Dialect:
         token_column: str,
         limit: int = 1,
     ) -> list[Claim]:
-        """Mark up to ``limit`` ready rows as claimed and return them.
+        """Update up to ``limit`` rows matching ``ready`` (first by ``order_by``) at once.
 
-        ``values`` are the column values that make a row claimed; the token
-        column's new value is returned as the claim's fencing token. The
-        caller commits; until then the claim is invisible to others.
+        Used to claim ready tasks and to rescue expired claims: ``values``
+        are the new column values, and ``ready`` is checked again by the
+        UPDATE itself, so a row changed meanwhile is left alone. Returns each
+        updated row's key and the token column's new value (the claim's
+        fencing token). The caller commits.
         """
         pk_cols = list(table.primary_key.columns)
         pick = table.select().with_only_columns(*pk_cols).where(ready).order_by(*order_by)
@@ -164,6 +212,21 @@ class Dialect:
         )
         return conn.execute(stmt).rowcount == 1
 
+
+#: SQLSTATEs that mean "the database is (briefly) unable", not "your SQL is wrong".
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: a failover's read-only window
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available (lock_timeout)
+        "57014",  # query_canceled (statement_timeout)
+        "57P01",  # admin_shutdown (pg_terminate_backend, fast shutdown)
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up, in recovery)
+        "53300",  # too_many_connections
+    }
+)
 
 _DIALECTS: dict[str, type[Dialect]] = {}
 

@@ -2,7 +2,47 @@
 
 from __future__ import annotations
 
-from alchq._dialects.base import Dialect, register
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from alchq._dialects.base import Dialect, on_connect, register
+
+logger = logging.getLogger("alchq.dialect")
+
+#: TCP settings so that a dead server or a cut network is noticed in about
+#: 30 s instead of hanging on the socket forever (Linux option names).
+_KEEPALIVE = (
+    ("SO_KEEPALIVE", socket.SOL_SOCKET, 1),
+    ("TCP_KEEPIDLE", socket.IPPROTO_TCP, 10),
+    ("TCP_KEEPINTVL", socket.IPPROTO_TCP, 5),
+    ("TCP_KEEPCNT", socket.IPPROTO_TCP, 3),
+    ("TCP_USER_TIMEOUT", socket.IPPROTO_TCP, 30_000),  # ms of unacknowledged sends
+)
+
+
+def _set_keepalive(dbapi_connection: Any, _record: Any) -> None:
+    """Turn on TCP keepalives on a new connection's socket, whatever its URL said."""
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # not a psycopg-like connection: leave it alone
+        return
+    sock = socket.socket(fileno=socket.dup(fd))  # a duplicate: closing it keeps the original
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket has no network to lose
+        for name, level, value in _KEEPALIVE:
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(level, option, value)
+    except OSError as exc:
+        logger.debug("could not set TCP keepalive: %s", exc)
+    finally:
+        sock.close()
 
 
 @register
@@ -13,3 +53,12 @@ class PostgreSQLDialect(Dialect):
     skip_locked = True
     returning = True
     partial_index = True
+
+    def prepare_engine(self, engine: Engine) -> None:
+        on_connect(engine, _set_keepalive)
+
+    @contextlib.contextmanager
+    def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:
+        # SET LOCAL ends with the transaction: the pooled connection is unchanged.
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
+        yield

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from alchq._dialects.base import Dialect, on_connect, register
 
@@ -23,6 +25,15 @@ def _set_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "database is busy",
+    "database table is locked",
+    "unable to open database file",
+    "disk i/o error",
+)
+
+
 @register
 class SQLiteDialect(Dialect):
     name = "sqlite"
@@ -32,6 +43,26 @@ class SQLiteDialect(Dialect):
     skip_locked = False
     returning = True  # SQLite >= 3.35
     partial_index = True
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # sqlite3 raises OperationalError for a missing table as for a locked
+        # file; only the latter kind is worth waiting for.
+        if not super().is_transient(exc):
+            return False
+        message = str(getattr(exc, "orig", exc)).lower()
+        return any(m in message for m in _TRANSIENT_MESSAGES) or getattr(
+            exc, "connection_invalidated", False
+        )
+
+    @contextlib.contextmanager
+    def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:
+        # busy_timeout belongs to the connection: put it back before the pool
+        # hands the connection to someone else.
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def prepare_engine(self, engine: Engine) -> None:
         on_connect(engine, _set_busy_timeout)
