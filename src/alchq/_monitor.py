@@ -125,17 +125,18 @@ class Monitor:
             try:
                 if hand.hard_deadline is not None and now >= hand.hard_deadline:
                     self._on_hard_deadline(hand)
-                elif hand.interrupt is None and now - hand.started >= hand.time_limit:
+                elif (
+                    hand.interrupt is None
+                    and not hand.lost
+                    and now - hand.started >= hand.time_limit
+                ):
                     self._on_time_limit(hand)
                 if now >= next_beat and self._hand is hand:
                     next_beat = now + self._interval
                     if not self._heartbeat(hand) and self._hand is hand and not hand.lost:
+                        # The outcome write will be refused and say so; one warning is enough.
                         hand.lost = True
-                        logger.warning(
-                            "%s: this worker lost its claim (lease expired and the task was "
-                            "taken back); whatever the run does will be discarded",
-                            hand.label,
-                        )
+                        logger.debug("%s: lease renewal refused, claim lost", hand.label)
             except Exception as exc:  # the monitor must outlive any one failure
                 logger.warning("%s: heartbeat failed: %s", hand.label, first_line(exc))
 

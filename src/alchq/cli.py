@@ -14,6 +14,7 @@ Click, as Flask does; this one uses argparse so that a plain
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             demo_main(args.database)
     except AlchqError as exc:
+        logging.getLogger("alchq").debug("details", exc_info=True)
         print(f"alchq: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

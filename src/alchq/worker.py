@@ -260,9 +260,12 @@ class Worker:
                             progressed = True
                     failures = 0
                 except (DatabaseUnreachableError, DBAPIError) as exc:
-                    # Unreachable at start is a configuration problem: say so and
-                    # stop. Once running, an outage is waited out, never fatal.
-                    if not self._connected or not self._transient(exc):
+                    # Unreachable before the first round trip is most likely a
+                    # wrong URL: say so and stop. A server that answers "starting
+                    # up", and any outage once running, is waited out.
+                    if not self._transient(exc) or (
+                        isinstance(exc, DatabaseUnreachableError) and not self._connected
+                    ):
                         raise
                     failures += 1
                     delay = min(self.settings.max_backoff, 0.25 * 2**failures)
@@ -509,6 +512,8 @@ class Worker:
                 with engine.connect() as conn:
                     conn.exec_driver_sql("SELECT 1")
             except DBAPIError as again:
+                if self._connected or self._dialect(engine).server_is_busy(again):
+                    return again
                 return DatabaseUnreachableError(
                     f"cannot reach the database {safe_url(engine)}: {first_line(again)}"
                 )
@@ -924,6 +929,7 @@ class Worker:
                 with contextlib.suppress(Exception):
                     session.rollback()
                 raise self._diagnose(exc, model, engine) from exc
+            self._connected = True
             for claim in back:
                 logger.warning(
                     "%s: its worker was lost (lease expired); back to PENDING "

@@ -123,6 +123,14 @@ class Dialect:
         """
         yield
 
+    def server_is_busy(self, exc: BaseException) -> bool:
+        """Did the server answer "not now" (starting up, shutting down, too many clients)?
+
+        Unlike a refused connection, that says the URL is right: worth waiting for.
+        """
+        code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        return code in {"57P01", "57P02", "57P03", "53300"}
+
     def is_transient(self, exc: BaseException) -> bool:
         """Is ``exc`` the database being away (retry later), not a fault of the SQL or data?
 
