@@ -45,6 +45,14 @@ def _set_keepalive(dbapi_connection: Any, _record: Any) -> None:
         sock.close()
 
 
+_BUSY_MESSAGES = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "too many clients already",
+)
+
+
 @register
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
@@ -56,6 +64,11 @@ class PostgreSQLDialect(Dialect):
 
     def prepare_engine(self, engine: Engine) -> None:
         on_connect(engine, _set_keepalive)
+
+    def server_is_busy(self, exc: BaseException) -> bool:
+        # Errors while connecting carry no SQLSTATE in psycopg: read the message.
+        text = str(getattr(exc, "orig", exc)).lower()
+        return super().server_is_busy(exc) or any(m in text for m in _BUSY_MESSAGES)
 
     @contextlib.contextmanager
     def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:
