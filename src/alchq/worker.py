@@ -326,8 +326,9 @@ class Worker:
             exists = True
         if not exists:
             if table.metadata is metadata:
+                command = "flask alchq" if self.source.scoped is not None else "alchq"
                 how = (
-                    f"`alchq create-tables {model.__module__}:{model.__qualname__}`"
+                    f"`{command} create-tables {model.__module__}:{model.__qualname__}`"
                     " or alchq.metadata.create_all(engine)"
                 )
             else:
