@@ -8,6 +8,7 @@ Public API::
 from __future__ import annotations
 
 from alchq import worker
+from alchq._dialects.types import UTCDateTime
 from alchq.exceptions import (
     AlchqError,
     ConfigurationError,
@@ -33,6 +34,7 @@ __all__ = [
     "Status",
     "TableMissingError",
     "TaskDefinitionError",
+    "UTCDateTime",
     "__version__",
     "metadata",
     "worker",

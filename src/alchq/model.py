@@ -16,7 +16,18 @@ import re
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Enum, Index, Integer, MetaData, String, Table, Text, event, inspect
+from sqlalchemy import (
+    CheckConstraint,
+    Enum,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    inspect,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     DeclarativeBaseNoMeta,
@@ -120,14 +131,9 @@ class BaseQueue:
         return snake_case(cls.__name__)  # type: ignore[attr-defined]
 
     status: Mapped[Status] = mapped_column(
-        Enum(
-            Status,
-            native_enum=False,
-            create_constraint=True,
-            length=16,
-            name="alchq_status",
-            validate_strings=True,
-        ),
+        # A plain string column; its CHECK constraint is added per table
+        # (see _add_queue_schema) so that its name is unique per table.
+        Enum(Status, native_enum=False, create_constraint=False, length=16, validate_strings=True),
         default=Status.PENDING,
         server_default=Status.PENDING.value,
         nullable=False,
@@ -183,28 +189,43 @@ class BaseQueue:
         return f"<{type(self).__name__} {key} {status}>"
 
 
-def _add_ready_index(mapper: Mapper[Any], cls: type) -> None:
-    """Index the ready rows of each task table, in claim order."""
+def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
+    """Indexes and constraints of each task table (added once, to the mapped table)."""
     table = mapper.local_table
     if not isinstance(table, Table) or mapper.inherits is not None:
         return
-    name = f"ix_{table.name}_alchq_ready"
-    if any(ix.name == name for ix in table.indexes):
+    ready = f"ix_{table.name}_alchq_ready"
+    if any(ix.name == ready for ix in table.indexes):
         return
     cols = table.c
     pk = list(table.primary_key)
-    # Leading with status makes the index useful on MySQL too, which has no
-    # partial indexes; elsewhere only PENDING rows are indexed at all.
+    # The claim's query, in its order. Leading with status makes the index
+    # useful on MySQL too, which has no partial indexes; elsewhere only
+    # PENDING rows are in it at all.
     Index(
-        name,
+        ready,
         cols.status,
         cols.time_created,
         *pk,
         **ready_index_kwargs(cols.status == Status.PENDING.value),
     )
+    table.append_constraint(
+        CheckConstraint(
+            cols.status.in_([s.value for s in Status]),
+            name=_check_name(table, "alchq_status"),
+        )
+    )
 
 
-event.listen(BaseQueue, "after_mapper_constructed", _add_ready_index, propagate=True)
+def _check_name(table: Table, name: str) -> str:
+    """A CHECK constraint name unique per database (MySQL requires it) with or without
+    a naming convention in the table's metadata."""
+    if "ck" in table.metadata.naming_convention:
+        return name  # the convention adds the table name
+    return f"ck_{table.name}_{name}"
+
+
+event.listen(BaseQueue, "after_mapper_constructed", _add_queue_schema, propagate=True)
 
 
 def check_task_model(model: object) -> type[BaseQueue]:

@@ -452,9 +452,11 @@ class Worker:
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:
-    if isinstance(model, type):
-        return (model,)
-    return tuple(model)
+    # Only a list or tuple means several models; anything else is checked as
+    # one model, so a task instance or a string gets a clear TaskDefinitionError.
+    if isinstance(model, (list, tuple)):
+        return tuple(model)
+    return (model,)  # type: ignore[return-value]  # checked by Worker
 
 
 def process_one(
