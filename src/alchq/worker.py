@@ -260,8 +260,9 @@ class Worker:
         """Close a private session, leaving ``task`` readable without it."""
         try:
             if task is not None and task in session and inspect(task).expired_attributes:
+                # close() ends the read transaction without expiring what it loaded
+                # (a commit would expire it again under expire_on_commit).
                 session.refresh(task)
-                session.commit()
         finally:
             session.close()
 
