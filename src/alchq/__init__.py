@@ -8,6 +8,7 @@ Public API::
 from __future__ import annotations
 
 from alchq import worker
+from alchq._dialects.types import UTCDateTime
 from alchq.exceptions import (
     AlchqError,
     ConfigurationError,
@@ -39,6 +40,7 @@ __all__ = [
     "TaskFailure",
     "TaskTimeoutError",
     "WorkerLostError",
+    "UTCDateTime",
     "__version__",
     "metadata",
     "worker",

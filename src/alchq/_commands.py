@@ -17,6 +17,7 @@ from alchq.model import BaseQueue
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -91,9 +92,13 @@ def _burst_limit(worker: Worker, limit: int) -> int:
 def create_tables(models: Sequence[type[BaseQueue]], engine: Engine) -> list[str]:
     """Create the tables (and indexes) of ``models`` that do not exist yet."""
     tables = [m.__table__ for m in models]  # type: ignore[attr-defined]
+    by_metadata: dict[int, list[Any]] = {}
+    for table in tables:
+        by_metadata.setdefault(id(table.metadata), []).append(table)
     try:
-        for table in tables:
-            table.metadata.create_all(engine, tables=[table])
+        # One create_all per metadata, so foreign keys decide the order.
+        for group in by_metadata.values():
+            group[0].metadata.create_all(engine, tables=group)
     except DBAPIError as exc:
         raise DatabaseError(
             f"cannot create tables in {safe_url(engine)}: {first_line(exc)}"

@@ -20,8 +20,25 @@ import sys
 from collections.abc import Sequence
 
 from alchq import __version__
-from alchq._commands import configure_logging, create_tables, load_models, make_engine, run_worker
+from alchq._commands import (
+    LOG_LEVELS,
+    configure_logging,
+    create_tables,
+    load_models,
+    make_engine,
+    run_worker,
+)
 from alchq.exceptions import AlchqError
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _url_option(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between polls when idle (default 1)",
     )
     run.add_argument("--burst", action="store_true", help="process every ready task, then exit")
-    run.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after N tasks")
     run.add_argument(
-        "--log-level", default="INFO", help="level of alchq's log lines (default INFO)"
+        "--max-tasks", type=_count, default=None, metavar="N", help="exit after N tasks"
+    )
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="level of alchq's log lines (default INFO)",
     )
 
     tables = sub.add_parser("create-tables", help="create the tables of task models")

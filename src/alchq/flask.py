@@ -25,7 +25,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from alchq._commands import configure_logging, create_tables, load_models, run_worker
+from alchq._commands import LOG_LEVELS, configure_logging, create_tables, load_models, run_worker
 from alchq.exceptions import AlchqError
 
 __all__ = ["Alchq", "cli"]
@@ -67,8 +67,16 @@ def _db() -> Any:
 @click.argument("models", nargs=-1, required=True, metavar="MODULE:CLASS...")
 @click.option("--poll-interval", type=float, default=None, help="Seconds between polls when idle.")
 @click.option("--burst", is_flag=True, help="Process every ready task, then exit.")
-@click.option("--max-tasks", type=int, default=None, metavar="N", help="Exit after N tasks.")
-@click.option("--log-level", default="INFO", show_default=True, help="Level of alchq's log lines.")
+@click.option(
+    "--max-tasks", type=click.IntRange(min=0), default=None, metavar="N", help="Exit after N tasks."
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="Level of alchq's log lines.",
+)
 @_fail_cleanly
 def run_command(
     models: tuple[str, ...],

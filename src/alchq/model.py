@@ -140,14 +140,9 @@ class BaseQueue:
         return snake_case(cls.__name__)  # type: ignore[attr-defined]
 
     status: Mapped[Status] = mapped_column(
-        Enum(
-            Status,
-            native_enum=False,
-            create_constraint=True,
-            length=16,
-            name="alchq_status",
-            validate_strings=True,
-        ),
+        # A plain string column; its CHECK constraint is added per table
+        # (see _add_queue_schema) so that its name is unique per table.
+        Enum(Status, native_enum=False, create_constraint=False, length=16, validate_strings=True),
         default=Status.PENDING,
         server_default=Status.PENDING.value,
         nullable=False,
@@ -227,6 +222,12 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         *pk,
         **ready_index_kwargs(cols.status == Status.PENDING.value),
     )
+    table.append_constraint(
+        CheckConstraint(
+            cols.status.in_([s.value for s in Status]),
+            name=_check_name(table, "alchq_status"),
+        )
+    )
     # The rescue's query: expired leases among the (few) PROCESSING rows.
     Index(
         f"ix_{table.name}_alchq_leases",
@@ -238,9 +239,17 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     table.append_constraint(
         CheckConstraint(
             (cols.alchq_attempts >= 0) & (cols.alchq_lost_claims >= 0),
-            name="alchq_counters",
+            name=_check_name(table, "alchq_counters"),
         )
     )
+
+
+def _check_name(table: Table, name: str) -> str:
+    """A CHECK constraint name unique per database (MySQL requires it) with or without
+    a naming convention in the table's metadata."""
+    if "ck" in table.metadata.naming_convention:
+        return name  # the convention adds the table name
+    return f"ck_{table.name}_{name}"
 
 
 event.listen(BaseQueue, "after_mapper_constructed", _add_queue_schema, propagate=True)

@@ -447,8 +447,9 @@ class Worker:
         """Close a private session, leaving ``task`` readable without it."""
         try:
             if task is not None and task in session and inspect(task).expired_attributes:
+                # close() ends the read transaction without expiring what it loaded
+                # (a commit would expire it again under expire_on_commit).
                 session.refresh(task)
-                session.commit()
         except DBAPIError:
             pass  # the database went away; the task object stays as it was
         finally:
@@ -525,8 +526,9 @@ class Worker:
             exists = True
         if not exists:
             if table.metadata is metadata:
+                command = "flask alchq" if self.source.scoped is not None else "alchq"
                 how = (
-                    f"`alchq create-tables {model.__module__}:{model.__qualname__}`"
+                    f"`{command} create-tables {model.__module__}:{model.__qualname__}`"
                     " or alchq.metadata.create_all(engine)"
                 )
             else:
@@ -977,9 +979,11 @@ class Worker:
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:
-    if isinstance(model, type):
-        return (model,)
-    return tuple(model)
+    # Only a list or tuple means several models; anything else is checked as
+    # one model, so a task instance or a string gets a clear TaskDefinitionError.
+    if isinstance(model, (list, tuple)):
+        return tuple(model)
+    return (model,)  # type: ignore[return-value]  # checked by Worker
 
 
 def process_one(

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from alchq._dialects.base import Dialect, on_connect, register
+from alchq._util import first_line
 
 logger = logging.getLogger("alchq.dialect")
 
@@ -76,5 +77,6 @@ class SQLiteDialect(Dialect):
                 mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
                 if str(mode).lower() != "wal":
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        except Exception as exc:  # a locked file must not stop the worker
-            logger.warning("could not switch SQLite database to WAL mode: %s", exc)
+        except Exception as exc:
+            # A locked or unopenable file: the claim will report what matters.
+            logger.debug("could not switch SQLite database to WAL mode: %s", first_line(exc))

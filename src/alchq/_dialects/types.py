@@ -6,13 +6,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 #: Databases whose DATETIME column has no time zone: alchq stores naive UTC there.
 _NAIVE_STORAGE = frozenset({"sqlite", "mysql", "mariadb"})
 
 
-class UTCDateTime(TypeDecorator[datetime]):
+class UTCDateTime(TypeDecorator[datetime]):  # exported as alchq.UTCDateTime
     """A timestamp that is always a timezone-aware UTC ``datetime`` in Python.
 
     PostgreSQL stores ``timestamptz``; SQLite and MySQL store naive UTC. A
@@ -21,6 +21,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            # Microseconds, like the other databases: plain DATETIME keeps whole
+            # seconds, which would make "oldest first" a per-second order.
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            return dialect.type_descriptor(DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
@@ -39,3 +48,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+# Alembic writes a column's type as ``<module>.<name>`` into migrations: make
+# that the public, stable ``alchq.UTCDateTime``.
+UTCDateTime.__module__ = "alchq"

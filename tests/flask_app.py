@@ -1,0 +1,98 @@
+"""Flask apps for the ``flask ... alchq`` tests, run as subprocesses.
+
+``flask --app tests.flask_app ...`` finds :func:`create_app`, whose command
+group comes from the one line ``Alchq(app)``. ``--app tests.flask_app:seed_app``
+is the seed's hand-written ``AppGroup`` instead (its ``test_cli`` typo fixed),
+and ``--app tests.flask_app:bare_app`` has alchq's commands but no
+Flask-SQLAlchemy. The database URL comes from ``$TEST_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import insert
+from sqlalchemy.orm import object_session
+
+from alchq import BaseQueue
+from alchq.flask import Alchq
+from tests.tasks import run_log
+
+URL_VARIABLE = "TEST_DATABASE_URL"
+
+db = SQLAlchemy()
+
+
+class FlaskTask(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
+    """Mixin form in the app's ``db.Model``; run() proves it runs in ``db.session``."""
+
+    __tablename__ = "flask_task"
+
+    id = db.Column(db.Integer, primary_key=True)
+    note = db.Column(db.String(200))
+
+    def run(self) -> None:
+        if object_session(self) is not db.session():
+            raise RuntimeError("the worker did not use the app's db.session")
+        self.note = f"{current_app.name} pid={os.getpid()}"
+        db.session.execute(insert(run_log).values(task_id=self.id, pid=os.getpid()))
+
+
+def _database_url() -> str:
+    url = os.environ.get(URL_VARIABLE)
+    if not url:
+        raise RuntimeError(f"set {URL_VARIABLE} to the test database's URL")
+    return url
+
+
+def _app_with_db() -> Flask:
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = _database_url()
+    db.init_app(app)
+    return app
+
+
+def create_app() -> Flask:
+    """The app of ``flask --app tests.flask_app``: alchq's commands in one line."""
+    app = _app_with_db()
+    Alchq(app)
+    return app
+
+
+def configure_queue_worker(app: Flask) -> None:
+    """The seed's hand-written command group, with its typo fixed.
+
+    The seed added ``test_cli`` (undefined) instead of the group it built.
+    """
+    queue = AppGroup("queue")
+
+    @queue.command("run")
+    @click.option("-n", "n", type=int, default=None, help="Process n tasks, then exit.")
+    def run(n: int | None) -> None:
+        from alchq import worker
+        from tests.tasks import CountTask
+
+        if n is None:
+            worker.process_forever(CountTask)
+        else:
+            worker.process_n(CountTask, n)
+
+    app.cli.add_command(queue)
+
+
+def seed_app() -> Flask:
+    """``flask --app tests.flask_app:seed_app queue run [-n N]``."""
+    app = _app_with_db()
+    configure_queue_worker(app)
+    return app
+
+
+def bare_app() -> Flask:
+    """alchq's commands on an app without Flask-SQLAlchemy."""
+    app = Flask(__name__)
+    Alchq(app)
+    return app

@@ -1,0 +1,593 @@
+"""The ``alchq`` and ``flask ... alchq`` commands, run as real subprocesses.
+
+Each command runs against a real database (SQLite file and PostgreSQL, via the
+``db_url``/``engine`` fixtures) and the outcome is read back from the database.
+Bad input must give exit code 1 and one ``alchq: error: ...`` line, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, insert, inspect, select
+from sqlalchemy.orm import Session
+
+from alchq import Status, metadata
+from tests.conftest import ROOT, run_alchq, worker_env
+from tests.flask_app import URL_VARIABLE, FlaskTask
+from tests.tasks import CountTask, run_log
+
+count_table: Any = CountTask.__table__  # type: ignore[attr-defined]
+flask_table: Any = FlaskTask.__table__
+
+#: A log line as alchq's commands format them (see alchq._commands.LOG_FORMAT).
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: ")
+
+QUIET = ("--log-level", "WARNING")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def env(**extra: str) -> dict[str, str]:
+    """worker_env() without settings of ours that would change what is tested."""
+    base = {
+        k: v
+        for k, v in worker_env().items()
+        if not k.startswith(("ALCHQ_", "FLASK_")) and k != URL_VARIABLE
+    }
+    base.update(extra)
+    return base
+
+
+def alchq(*args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return run_alchq(*args, timeout=timeout, env=env(**extra_env))
+
+
+def flask_command(app: str, *args: str) -> list[str]:
+    """``flask --app APP ARGS``, with the ``flask`` script next to this interpreter."""
+    exe = Path(sys.executable).with_name("flask")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "flask"]
+    return [*base, "--app", app, *args]
+
+
+def flask(
+    url: str, *args: str, app: str = "tests.flask_app", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        flask_command(app, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env(**{URL_VARIABLE: url}),
+        check=False,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    out = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, out
+    assert "Traceback" not in proc.stdout + proc.stderr, out
+    return proc
+
+
+def clean_error(proc: subprocess.CompletedProcess[str], *, only_line: bool = True) -> str:
+    """Assert a clean failure and return its ``alchq: error:`` line.
+
+    ``only_line``: stderr is that line and nothing else (else log lines may precede it).
+    """
+    out = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stdout + proc.stderr, out
+    assert proc.returncode == 1, out
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("alchq: error:")]
+    assert len(errors) == 1, out
+    if only_line:
+        assert lines == errors, out
+    else:
+        others = [line for line in lines if line not in errors]
+        assert all(LOG_LINE.match(line) for line in others), out
+    return errors[0]
+
+
+def rejected(proc: subprocess.CompletedProcess[str]) -> None:
+    """Bad option values: a non-zero exit and an error message, never a traceback."""
+    out = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stdout + proc.stderr, out
+    assert proc.returncode != 0, out
+    assert "error" in proc.stderr.lower(), out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def unreachable_url() -> str:
+    return f"postgresql+psycopg://bob:s3cret@127.0.0.1:{free_port()}/x"
+
+
+def add_count_tasks(engine: Engine, n: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(count_table), [dict(values) for _ in range(n)])
+
+
+def statuses(engine: Engine, table: Any = count_table) -> Counter[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(table.c.status, func.count()).group_by(table.c.status))
+        return Counter({str(status): n for status, n in rows})
+
+
+def run_log_rows(engine: Engine) -> list[tuple[int, int]]:
+    with engine.connect() as conn:
+        return [(r.task_id, r.pid) for r in conn.execute(select(run_log))]
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'never-created.sqlite'}"
+
+
+# -- alchq run / create-tables / demo ----------------------------------------------
+
+
+def test_run_burst_processes_every_ready_task(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 5)
+    add_count_tasks(engine, 1, fail="boom")
+
+    proc = ok(alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--burst"))
+
+    assert statuses(engine) == {"PROCESSED": 5, "ERROR": 1}
+    assert len(run_log_rows(engine)) == 5  # the failed run's insert was rolled back
+    with Session(engine) as s:
+        failed = s.scalars(select(CountTask).where(CountTask.status == Status.ERROR)).one()
+        assert failed.alchq_error_type == "RuntimeError"
+        assert failed.alchq_error_message == "boom"
+    # INFO log lines on stderr, one per start and end of each task
+    assert proc.stderr.count("started (attempt 1)") == 6
+    assert proc.stderr.count(" PROCESSED in ") == 5
+    assert "RuntimeError: boom" in proc.stderr
+
+
+def test_run_reads_database_url_from_environment(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 3)
+
+    ok(alchq("run", "tests.tasks:CountTask", "--burst", *QUIET, ALCHQ_DATABASE_URL=db_url))
+
+    assert statuses(engine) == {"PROCESSED": 3}
+
+
+def test_database_url_option_wins_over_environment(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 2)
+
+    ok(
+        alchq(
+            "run",
+            "tests.tasks:CountTask",
+            "--database-url",
+            db_url,
+            "--burst",
+            *QUIET,
+            ALCHQ_DATABASE_URL=unreachable_url(),
+        )
+    )
+
+    assert statuses(engine) == {"PROCESSED": 2}
+
+
+def test_max_tasks_processes_exactly_n(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 10)
+
+    ok(alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--max-tasks", "4"))
+
+    assert statuses(engine) == {"PROCESSED": 4, "PENDING": 6}
+    assert len(run_log_rows(engine)) == 4
+
+
+def test_max_tasks_with_burst_stops_when_queue_is_empty(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 2)
+
+    ok(
+        alchq(
+            "run",
+            "tests.tasks:CountTask",
+            "--database-url",
+            db_url,
+            "--max-tasks",
+            "5",
+            "--burst",
+            timeout=60,
+        )
+    )
+
+    assert statuses(engine) == {"PROCESSED": 2}
+
+
+def test_burst_on_an_empty_queue_exits_zero(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    proc = ok(alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--burst", *QUIET))
+    assert proc.stderr == ""
+
+
+def test_create_tables_then_run(engine: Engine, db_url: str) -> None:
+    proc = ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", db_url))
+    assert proc.stdout.strip() == "created (if missing): count_task"
+    insp = inspect(engine)
+    assert insp.has_table("count_task")
+    assert "ix_count_task_alchq_ready" in {ix["name"] for ix in insp.get_indexes("count_task")}
+    # again: nothing to do, still fine
+    ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", db_url))
+
+    run_log.create(engine)  # CountTask.run() writes to it; it is no task model's table
+    add_count_tasks(engine, 3)
+    ok(alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--burst", *QUIET))
+    assert statuses(engine) == {"PROCESSED": 3}
+
+
+def test_create_tables_of_several_models(engine: Engine, db_url: str) -> None:
+    proc = ok(
+        alchq(
+            "create-tables",
+            "tests.tasks:Parent",
+            "tests.tasks:Child",
+            "--database-url",
+            db_url,
+        )
+    )
+    assert proc.stdout.strip() == "created (if missing): parent, child"
+    insp = inspect(engine)
+    assert insp.has_table("parent") and insp.has_table("child")
+    assert not insp.has_table("count_task")
+
+
+def test_create_tables_in_dependency_order(engine: Engine, db_url: str) -> None:
+    """Models named child first: the referenced table must still be created first."""
+    args = ["tests.tasks:Child", "tests.tasks:Parent", "--database-url", db_url]
+    ok(alchq("create-tables", *args))
+    insp = inspect(engine)
+    assert insp.has_table("parent") and insp.has_table("child")
+
+
+def test_demo(tmp_path: Path) -> None:
+    path = tmp_path / "demo.sqlite"
+    proc = ok(run_alchq("demo", "--database", str(path), env=env()))
+    assert path.exists()
+
+    lines = proc.stdout.splitlines()
+    header = next(
+        i for i, line in enumerate(lines) if line.split()[:3] == ["operation", "retries", "status"]
+    )
+    rows = []
+    for line in lines[header + 1 :]:
+        parts = line.split(None, 3)
+        if len(parts) < 3 or parts[2] not in Status.__members__:
+            break
+        rows.append((parts[0], parts[1], parts[2], parts[3] if len(parts) > 3 else ""))
+    assert rows[:3] == [
+        ("hop", "0", "PROCESSED", ""),
+        ("skip", "0", "PROCESSED", ""),
+        ("jump", "0", "PROCESSED", ""),
+    ]
+    assert len(rows) == 6
+    by_op = {(op, retries): (status, err) for op, retries, status, err in rows}
+    assert by_op[("fly", "0")][0] == "ERROR"
+    assert by_op[("fly", "0")][1].startswith("ValueError:")
+    assert by_op[("wobble", "0")][0] == "ERROR"
+    assert by_op[("wobble", "1")] == ("PROCESSED", "")  # retried by error()
+    assert sum(1 for r in rows if r[3].startswith("ValueError")) == 1
+    assert "PROCESSED: 4, ERROR: 2" in proc.stdout
+    assert "Hippity-hop!" in proc.stdout and "I found a ValueError!" in proc.stdout
+
+
+# -- bad input ----------------------------------------------------------------------
+
+IMPORT_ERRORS = [
+    pytest.param("nosuch.module:X", ["module 'nosuch.module' not found"], id="no-module"),
+    pytest.param("tests.tasks:Nope", ["tests.tasks", "Nope"], id="no-class"),
+    pytest.param("tests.tasks:run_log", ["not a BaseQueue model"], id="a-table"),
+    pytest.param("os:path", ["not a BaseQueue model"], id="a-module"),
+    pytest.param("tests.models_cli:not_a_class", ["not a BaseQueue model"], id="an-int"),
+    pytest.param("tests.models_cli:NoRunTask", ["NoRunTask", "run()"], id="no-run"),
+    pytest.param("tests.tasks", ["package.module:ClassName"], id="malformed"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "create-tables"])
+@pytest.mark.parametrize(("ref", "expected"), IMPORT_ERRORS)
+def test_bad_model_reference(tmp_path: Path, command: str, ref: str, expected: list[str]) -> None:
+    url = sqlite_url(tmp_path)
+    extra = ["--burst", *QUIET] if command == "run" else []
+    line = clean_error(alchq(command, ref, "--database-url", url, *extra))
+    for text in expected:
+        assert text in line
+    assert not (tmp_path / "never-created.sqlite").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "create-tables"])
+def test_no_database_url(command: str) -> None:
+    line = clean_error(alchq(command, "tests.tasks:CountTask"))
+    assert "no database URL" in line
+    assert "--database-url" in line and "ALCHQ_DATABASE_URL" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("nosuchdb://x", "unknown database URL scheme", id="scheme"),
+        pytest.param("not a url", "bad database URL", id="garbage"),
+    ],
+)
+def test_bad_database_url(url: str, expected: str) -> None:
+    line = clean_error(alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst"))
+    assert expected in line
+
+
+@pytest.mark.parametrize("command", ["run", "create-tables"])
+def test_database_unreachable_hides_password(command: str) -> None:
+    url = unreachable_url()
+    extra = ["--burst", *QUIET] if command == "run" else []
+    proc = alchq(command, "tests.tasks:CountTask", "--database-url", url, *extra, timeout=60)
+    line = clean_error(proc)
+    assert "127.0.0.1" in line
+    assert "bob:***@" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_database_unreachable_at_default_log_level() -> None:
+    """At INFO, the worker's start line may precede the error: nothing else may."""
+    url = unreachable_url()
+    proc = alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst", timeout=60)
+    line = clean_error(proc, only_line=False)
+    assert "cannot reach the database" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_unreachable_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'q.sqlite'}"
+    proc = alchq(
+        "run", "tests.tasks:CountTask", "--database-url", url, "--burst", "--log-level", "ERROR"
+    )
+    line = clean_error(proc)
+    assert "cannot reach the database" in line and "unable to open database file" in line
+
+
+def test_unreachable_sqlite_file_gives_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'q.sqlite'}"
+    clean_error(alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst", *QUIET))
+
+
+def test_table_missing(engine: Engine, db_url: str) -> None:
+    proc = alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--burst", *QUIET)
+    line = clean_error(proc)
+    assert "'count_task'" in line
+    assert "create-tables" in line and "create_all" in line
+    assert not inspect(engine).has_table("count_task")
+
+
+def test_negative_max_tasks_is_rejected(tmp_path: Path) -> None:
+    rejected(
+        alchq(
+            "run",
+            "tests.tasks:CountTask",
+            "--database-url",
+            sqlite_url(tmp_path),
+            "--max-tasks",
+            "-1",
+        )
+    )
+
+
+def test_negative_max_tasks_with_burst_is_rejected(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    engine = create_engine(url)
+    try:
+        metadata.create_all(engine)
+        add_count_tasks(engine, 1)
+    finally:
+        engine.dispose()
+    args = ["--database-url", url, "--max-tasks", "-1", "--burst"]
+    rejected(alchq("run", "tests.tasks:CountTask", *args))
+
+
+def test_unknown_log_level_is_rejected(tmp_path: Path) -> None:
+    rejected(
+        alchq(
+            "run",
+            "tests.tasks:CountTask",
+            "--database-url",
+            sqlite_url(tmp_path),
+            "--burst",
+            "--log-level",
+            "BOGUS",
+        )
+    )
+
+
+def test_bad_poll_interval(tmp_path: Path) -> None:
+    args = ["--database-url", sqlite_url(tmp_path), "--burst", "--poll-interval", "0"]
+    line = clean_error(alchq("run", "tests.tasks:CountTask", *args))
+    assert "poll_interval" in line
+
+
+# -- flask alchq ...  ------------------------------------------------------------------
+
+
+def test_flask_run_burst(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 4)
+    add_count_tasks(engine, 1, fail="flask boom")
+
+    proc = ok(flask(db_url, "alchq", "run", "tests.tasks:CountTask", "--burst"))
+
+    assert statuses(engine) == {"PROCESSED": 4, "ERROR": 1}
+    assert len(run_log_rows(engine)) == 4
+    assert proc.stderr.count(" PROCESSED in ") == 4
+
+
+def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine, tables=[run_log])
+    proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskTask"))
+    assert proc.stdout.strip() == "created (if missing): flask_task"
+    with engine.begin() as conn:
+        conn.execute(insert(flask_table), [{"note": None}, {"note": None}])
+
+    ok(flask(db_url, "alchq", "run", "tests.flask_app:FlaskTask", "--burst", *QUIET))
+
+    # FlaskTask.run() raises unless its session is the app's db.session
+    assert statuses(engine, flask_table) == {"PROCESSED": 2}
+    with engine.connect() as conn:
+        notes = conn.execute(select(flask_table.c.note, flask_table.c.alchq_error_message)).all()
+    assert [n.alchq_error_message for n in notes] == [None, None]
+    assert all(n.note.startswith("tests.flask_app pid=") for n in notes)
+    assert len(run_log_rows(engine)) == 2
+
+
+def test_flask_create_tables(engine: Engine, db_url: str) -> None:
+    proc = ok(flask(db_url, "alchq", "create-tables", "tests.tasks:CountTask"))
+    assert proc.stdout.strip() == "created (if missing): count_task"
+    assert inspect(engine).has_table("count_task")
+
+    run_log.create(engine)
+    add_count_tasks(engine, 2)
+    ok(flask(db_url, "alchq", "run", "tests.tasks:CountTask", "--burst", *QUIET))
+    assert statuses(engine) == {"PROCESSED": 2}
+
+
+@pytest.mark.parametrize("command", ["run", "create-tables"])
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [IMPORT_ERRORS[0], IMPORT_ERRORS[2], IMPORT_ERRORS[5], IMPORT_ERRORS[6]],
+)
+def test_flask_bad_model_reference(
+    tmp_path: Path, command: str, ref: str, expected: list[str]
+) -> None:
+    extra = ["--burst", *QUIET] if command == "run" else []
+    line = clean_error(flask(sqlite_url(tmp_path), "alchq", command, ref, *extra))
+    for text in expected:
+        assert text in line
+
+
+def test_flask_table_missing(engine: Engine, db_url: str) -> None:
+    proc = flask(db_url, "alchq", "run", "tests.tasks:CountTask", "--burst", *QUIET)
+    line = clean_error(proc)
+    assert "'count_task'" in line and "create-tables" in line
+
+
+def test_flask_table_missing_of_app_model(engine: Engine, db_url: str) -> None:
+    proc = flask(db_url, "alchq", "run", "tests.flask_app:FlaskTask", "--burst", *QUIET)
+    line = clean_error(proc)
+    assert "'flask_task'" in line and "create_all" in line
+
+
+def test_flask_database_unreachable_hides_password() -> None:
+    proc = flask(unreachable_url(), "alchq", "run", "tests.tasks:CountTask", "--burst", *QUIET)
+    line = clean_error(proc)
+    assert "127.0.0.1" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_flask_app_without_flask_sqlalchemy(tmp_path: Path) -> None:
+    proc = flask(
+        sqlite_url(tmp_path),
+        "alchq",
+        "run",
+        "tests.tasks:CountTask",
+        "--burst",
+        app="tests.flask_app:bare_app",
+    )
+    assert "Flask-SQLAlchemy" in clean_error(proc)
+
+
+def test_flask_negative_max_tasks_is_rejected(tmp_path: Path) -> None:
+    rejected(
+        flask(sqlite_url(tmp_path), "alchq", "run", "tests.tasks:CountTask", "--max-tasks", "-1")
+    )
+
+
+def test_flask_unknown_log_level_is_rejected(tmp_path: Path) -> None:
+    rejected(
+        flask(
+            sqlite_url(tmp_path),
+            "alchq",
+            "run",
+            "tests.tasks:CountTask",
+            "--burst",
+            "--log-level",
+            "BOGUS",
+        )
+    )
+
+
+# -- the seed's hand-written command group ------------------------------------------------
+
+
+def test_seed_group_process_n(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 5)
+
+    ok(flask(db_url, "queue", "run", "-n", "3", app="tests.flask_app:seed_app"))
+
+    assert statuses(engine) == {"PROCESSED": 3, "PENDING": 2}
+
+
+def test_seed_group_process_forever_stops_on_sigterm(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 3)
+    stderr_path = tmp_path / "worker.stderr"
+
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            flask_command("tests.flask_app:seed_app", "queue", "run"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=ROOT,
+            env=env(**{URL_VARIABLE: db_url, "ALCHQ_POLL_INTERVAL": "0.1"}),
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while statuses(engine) != {"PROCESSED": 3}:
+                assert proc.poll() is None, stderr_path.read_text()
+                assert time.monotonic() < deadline, statuses(engine)
+                time.sleep(0.1)
+            add_count_tasks(engine, 1)  # a task arriving later is picked up too
+            while statuses(engine) != {"PROCESSED": 4}:
+                assert proc.poll() is None, stderr_path.read_text()
+                assert time.monotonic() < deadline, statuses(engine)
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = stderr_path.read_text()
+    assert returncode == 0, err
+    assert "Traceback" not in err
+    assert len(run_log_rows(engine)) == 4
+
+
+def test_seed_app_has_no_alchq_group_but_the_queue_group(tmp_path: Path) -> None:
+    proc = ok(flask(sqlite_url(tmp_path), "--help", app="tests.flask_app:seed_app"))
+    commands = proc.stdout.split("Commands:")[1].split()
+    assert "queue" in commands and "alchq" not in commands
+    proc = ok(flask(sqlite_url(tmp_path), "--help"))
+    assert "alchq" in proc.stdout.split("Commands:")[1].split()
