@@ -957,8 +957,14 @@ def _check_names(table: Table) -> set[str]:
 
 
 def test_seed_form_check_constraints_have_per_table_names() -> None:
-    assert _check_names(_table(MtSeedFormTask)) == {"ck_mt_seed_form_task_alchq_status"}
-    assert _check_names(_table(MtColumnsTask)) == {"ck_mt_columns_task_alchq_status"}
+    assert _check_names(_table(MtSeedFormTask)) == {
+        "ck_mt_seed_form_task_alchq_status",
+        "ck_mt_seed_form_task_alchq_counters",
+    }
+    assert _check_names(_table(MtColumnsTask)) == {
+        "ck_mt_columns_task_alchq_status",
+        "ck_mt_columns_task_alchq_counters",
+    }
 
 
 def test_mixin_form_check_constraint_names_differ_between_task_tables() -> None:
