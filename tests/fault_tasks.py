@@ -3,6 +3,19 @@
 Every start is logged in ``fault_start`` on its own connection and committed at
 once (so starts survive the run's rollback); every committed run is logged in
 ``fault_done`` inside the task's transaction (so it commits with PROCESSED).
+
+Actions (``FaultTask.action``), after ``sleep`` milliseconds:
+
+``ok``                  log the run in ``fault_done`` and return
+``sys_exit``            ``sys.exit(3)``
+``keyboard_interrupt``  ``raise KeyboardInterrupt``
+``raise``               ``raise ValueError("task failed")``
+``bad_error``           ``raise ValueError`` in run(), then error() raises too
+``os_exit``             ``os._exit(9)``: the worker process dies mid-run
+``os_exit_once``        ``os._exit(9)`` on the first attempt only, ``ok`` afterwards
+``kill_self``           SIGKILL to its own process
+``hang``                sleep forever (interruptible)
+``hang_hard``           sleep forever, swallowing every exception thrown at it
 """
 
 from __future__ import annotations
@@ -11,9 +24,11 @@ import os
 import signal
 import sys
 import time
+from typing import Any, cast
 
-from sqlalchemy import Column, Integer, String, Table, insert
-from sqlalchemy.orm import object_session
+from sqlalchemy import Column, Dialect, Engine, Integer, String, Table, insert, inspect
+from sqlalchemy.orm import Mapped, mapped_column, object_session
+from sqlalchemy.types import TypeDecorator
 
 from alchq import BaseQueue, metadata
 
@@ -32,22 +47,39 @@ fault_done = Table(
     Column("pid", Integer, nullable=False),
 )
 
+#: A ``payload`` holding this value cannot be loaded (see :class:`Fragile`).
+UNLOADABLE = "unloadable"
+
+
+class Fragile(TypeDecorator[str]):
+    """A string column whose value :data:`UNLOADABLE` fails to load, on any database."""
+
+    impl = String(100)
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if value == UNLOADABLE:
+            raise ValueError(f"payload {value!r} cannot be loaded")
+        return value  # type: ignore[no-any-return]
+
 
 class FaultTask(BaseQueue):
     """``action`` picks the behaviour; ``sleep`` (ms) is spent before it."""
 
     alchq_time_limit = float(os.environ.get("FAULT_TIME_LIMIT", "3600"))
 
-    id = Column(Integer, primary_key=True)
-    action = Column(String(30), default="ok")
-    sleep = Column(Integer, default=0)
-    errors = Column(Integer, default=0)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str | None] = mapped_column(String(30), default="ok")
+    sleep: Mapped[int | None] = mapped_column(Integer, default=0)
+    errors: Mapped[int | None] = mapped_column(Integer, default=0)
+    payload: Mapped[str | None] = mapped_column(Fragile(), nullable=True)
 
     def run(self) -> None:
         session = object_session(self)
         assert session is not None
         bind = session.get_bind()
-        with bind.connect() as conn:  # committed at once, whatever happens next
+        engine = bind if isinstance(bind, Engine) else bind.engine
+        with engine.connect() as conn:  # committed at once, whatever happens next
             conn.execute(insert(fault_start).values(task_id=self.id, pid=os.getpid()))
             conn.commit()
         if self.sleep:
@@ -57,7 +89,7 @@ class FaultTask(BaseQueue):
             sys.exit(3)
         if action == "keyboard_interrupt":
             raise KeyboardInterrupt
-        if action == "os_exit":
+        if action == "os_exit" or (action == "os_exit_once" and self.alchq_attempts <= 1):
             os._exit(9)
         if action == "hang":
             while True:
@@ -74,9 +106,15 @@ class FaultTask(BaseQueue):
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "raise":
             raise ValueError("task failed")
+        if action == "bad_error":
+            raise ValueError("task failed, and its error() will fail too")
         session.execute(insert(fault_done).values(task_id=self.id, pid=os.getpid()))
 
     def error(self, exc: BaseException) -> None:
         self.errors = (self.errors or 0) + 1
         if self.action == "bad_error":
             raise RuntimeError("error() failed too")
+
+
+#: FaultTask's table, typed.
+fault_task = cast(Table, inspect(FaultTask).local_table)
