@@ -44,7 +44,7 @@ def env(**extra: str) -> dict[str, str]:
     base = {
         k: v
         for k, v in worker_env().items()
-        if not k.startswith(("ALCHQ_", "FLASK_")) and k != URL_VARIABLE
+        if not k.startswith(("ALCHQ_", "FLASK_")) and k not in (URL_VARIABLE, "DATABASE_URL")
     }
     base.update(extra)
     return base
@@ -169,6 +169,44 @@ def test_run_reads_database_url_from_environment(engine: Engine, db_url: str) ->
     ok(alchq("run", "tests.tasks:CountTask", "--burst", *QUIET, ALCHQ_DATABASE_URL=db_url))
 
     assert statuses(engine) == {"PROCESSED": 3}
+
+
+def test_run_falls_back_to_database_url_variable(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 2)
+
+    ok(alchq("run", "tests.tasks:CountTask", "--burst", *QUIET, DATABASE_URL=db_url))
+
+    assert statuses(engine) == {"PROCESSED": 2}
+
+
+def test_alchq_database_url_wins_over_database_url(engine: Engine, db_url: str) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 1)
+    ok(
+        alchq(
+            "run",
+            "tests.tasks:CountTask",
+            "--burst",
+            *QUIET,
+            ALCHQ_DATABASE_URL=db_url,
+            DATABASE_URL=unreachable_url(),
+        )
+    )
+
+    assert statuses(engine) == {"PROCESSED": 1}
+
+
+def test_python_dash_m_alchq_is_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "alchq", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("alchq ")
 
 
 def test_database_url_option_wins_over_environment(engine: Engine, db_url: str) -> None:

@@ -44,8 +44,8 @@ def _count(text: str) -> int:
 def _url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database-url",
-        default=os.environ.get("ALCHQ_DATABASE_URL"),
-        help="SQLAlchemy database URL (default: $ALCHQ_DATABASE_URL)",
+        default=os.environ.get("ALCHQ_DATABASE_URL") or os.environ.get("DATABASE_URL"),
+        help="SQLAlchemy database URL (default: $ALCHQ_DATABASE_URL, else $DATABASE_URL)",
     )
 
 
