@@ -172,6 +172,8 @@ def test_seed_form_is_mapped_by_alchq_into_alchq_metadata() -> None:
         "alchq_worker",
         "alchq_started_at",
         "alchq_finished_at",
+        "alchq_lease_until",
+        "alchq_lost_claims",
         "alchq_error_type",
         "alchq_error_message",
         "alchq_traceback",
