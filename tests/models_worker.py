@@ -180,7 +180,7 @@ class WkFlask(BaseQueue):
 
 
 class WkStopper(BaseQueue):
-    """Raises SystemExit (a BaseException): ends the task and stops the worker loop."""
+    """Raises SystemExit (a BaseException): ends the task in ERROR; the worker goes on."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
 

@@ -742,7 +742,10 @@ def test_claim_uses_the_ready_index_on_postgresql(engine: Engine) -> None:
     claims: list[tuple[str, Any]] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if "alchq_pick" in statement:
+        # The claim, not the rescue's statements: it sets PROCESSING on PENDING rows.
+        values = list(parameters.values()) if isinstance(parameters, dict) else []
+        sets_processing = isinstance(parameters, dict) and parameters.get("status") == "PROCESSING"
+        if "alchq_pick" in statement and sets_processing and "PENDING" in values:
             claims.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", record)
@@ -871,10 +874,10 @@ def _compare(engine: Engine, target: MetaData) -> dict[str, list[str]]:
 def test_alembic_autogenerate_adds_the_task_tables(engine: Engine) -> None:
     seed = _compare(engine, metadata)
     for table in SEED_FORM_TABLES:
-        assert seed[table] == ["add_table", "add_index"], (table, seed[table])
+        assert seed[table] == ["add_table", "add_index", "add_index"], (table, seed[table])
 
     mixin = _compare(engine, MtDeclBase.metadata)
-    assert mixin["mt_decl_task"] == ["add_table", "add_index"]
+    assert mixin["mt_decl_task"] == ["add_table", "add_index", "add_index"]
     assert mixin["mt_decl_owner"] == ["add_table"]
     assert "mt_decl_task" not in seed and "mt_seed_form_task" not in mixin
 
