@@ -16,6 +16,10 @@ Actions (``FaultTask.action``), after ``sleep`` milliseconds:
 ``kill_self``           SIGKILL to its own process
 ``hang``                sleep forever (interruptible)
 ``hang_hard``           sleep forever, swallowing every exception thrown at it
+``spin``                spend ``sleep`` ms busy in Python (never sleeping), then ``ok``
+``noop``                nothing at all (not even a ``fault_start`` row)
+``quiet``               no database writes at all: the start is logged in a file,
+                        ``$FAULT_QUIET_DIR/<id>.starts``, and nothing is done
 """
 
 from __future__ import annotations
@@ -75,6 +79,13 @@ class FaultTask(BaseQueue):
     payload: Mapped[str | None] = mapped_column(Fragile(), nullable=True)
 
     def run(self) -> None:
+        if self.action == "noop":
+            return
+        if self.action == "quiet":
+            with open(os.path.join(os.environ["FAULT_QUIET_DIR"], f"{self.id}.starts"), "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep((self.sleep or 0) / 1000)
+            return
         session = object_session(self)
         assert session is not None
         bind = session.get_bind()
@@ -82,9 +93,14 @@ class FaultTask(BaseQueue):
         with engine.connect() as conn:  # committed at once, whatever happens next
             conn.execute(insert(fault_start).values(task_id=self.id, pid=os.getpid()))
             conn.commit()
-        if self.sleep:
-            time.sleep(self.sleep / 1000)
         action = self.action or "ok"
+        if action == "spin":
+            deadline = time.monotonic() + (self.sleep or 0) / 1000
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+        elif self.sleep:
+            time.sleep(self.sleep / 1000)
         if action == "sys_exit":
             sys.exit(3)
         if action == "keyboard_interrupt":

@@ -843,7 +843,9 @@ class Worker:
         )
         try:
             with hand.engine.connect() as conn:
-                with hand.dialect.short_lock_wait(conn, 1.0):
+                # Briefly: the stuck task's own transaction may hold the row, and
+                # the process must be gone within about 2 s of the last signal.
+                with hand.dialect.short_lock_wait(conn, 0.3):
                     ok = hand.dialect.finish(
                         conn, hand.table, hand.claim, self._still_ours(hand), values
                     )
