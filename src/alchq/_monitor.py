@@ -107,6 +107,7 @@ class Monitor:
     def _main(self) -> None:
         next_beat = 0.0
         current: InHand | None = None
+        failing = False
         while True:
             with self._cond:
                 while self._hand is None and not self._closed:
@@ -137,8 +138,12 @@ class Monitor:
                         # The outcome write will be refused and say so; one warning is enough.
                         hand.lost = True
                         logger.debug("%s: lease renewal refused, claim lost", hand.label)
+                    failing = False
             except Exception as exc:  # the monitor must outlive any one failure
-                logger.warning("%s: heartbeat failed: %s", hand.label, first_line(exc))
+                # The task's own thread reports a database outage; say it once here.
+                log = logger.debug if failing else logger.warning
+                log("%s: heartbeat failed: %s", hand.label, first_line(exc))
+                failing = True
 
 
 def interrupt_thread(thread_id: int, exc_type: type[BaseException]) -> None:

@@ -80,6 +80,9 @@ metadata = MetaData(
 #: The registry that maps seed-form models.
 mapper_registry = registry(metadata=metadata)
 
+#: Largest value of the alchq_attempts / alchq_lost_claims counters.
+MAX_COUNTER = 1_000_000
+
 _CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 
 
@@ -235,10 +238,12 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         cols.alchq_lease_until,
         **ready_index_kwargs(cols.status == Status.PROCESSING.value),
     )
-    # Counters a hand-written row could get wrong.
+    # Counters a hand-written row could get wrong; the bound keeps "+ 1" in the
+    # claim and the rescue from ever overflowing the column.
     table.append_constraint(
         CheckConstraint(
-            (cols.alchq_attempts >= 0) & (cols.alchq_lost_claims >= 0),
+            cols.alchq_attempts.between(0, MAX_COUNTER)
+            & cols.alchq_lost_claims.between(0, MAX_COUNTER),
             name=_check_name(table, "alchq_counters"),
         )
     )

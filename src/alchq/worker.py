@@ -64,7 +64,7 @@ from alchq.exceptions import (
     TaskTimeoutError,
     WorkerLostError,
 )
-from alchq.model import BaseQueue, Status, check_task_model, metadata
+from alchq.model import MAX_COUNTER, BaseQueue, Status, check_task_model, metadata
 
 __all__ = [
     "Worker",
@@ -492,7 +492,9 @@ class Worker:
             claims = dialect.claim(
                 self._connection(session, mapper),
                 table,
-                ready=c.status == Status.PENDING,
+                # The bound only matters for a hand-edited row: a claim must
+                # never push the counter past its CHECK constraint.
+                ready=(c.status == Status.PENDING) & (c.alchq_attempts < MAX_COUNTER),
                 order_by=[c.time_created, *table.primary_key.columns],
                 values=self._claim_values(alchq_attempts=c.alchq_attempts + 1),
                 token_column="alchq_attempts",  # noqa: S106 - not a password
@@ -895,8 +897,11 @@ class Worker:
             c = table.c
             engine = self._engine(session, mapper)
             dialect = self._dialect(engine)
-            expired = (c.status == Status.PROCESSING) & (
-                c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now())
+            expired = (
+                (c.status == Status.PROCESSING)
+                & (c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now()))
+                & (c.alchq_attempts < MAX_COUNTER)
+                & (c.alchq_lost_claims < MAX_COUNTER)
             )
             max_lost = int(self.settings.max_lost_claims)
             try:
