@@ -18,6 +18,8 @@ Actions (``FaultTask.action``), after ``sleep`` milliseconds:
 ``hang_hard``           sleep forever, swallowing every exception thrown at it
 ``spin``                spend ``sleep`` ms busy in Python (never sleeping), then ``ok``
 ``noop``                nothing at all (not even a ``fault_start`` row)
+``own_connection``      log the start (as all do, on a connection of its own), then
+                        return without writing through the task's session
 ``quiet``               no database writes at all: the start is logged in a file,
                         ``$FAULT_QUIET_DIR/<id>.starts``, and nothing is done
 """
@@ -101,6 +103,8 @@ class FaultTask(BaseQueue):
                 n += 1
         elif self.sleep:
             time.sleep(self.sleep / 1000)
+        if action == "own_connection":
+            return
         if action == "sys_exit":
             sys.exit(3)
         if action == "keyboard_interrupt":

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, event, inspect, select
+from sqlalchemy import Connection, Engine, Table, case, event, inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -61,6 +61,7 @@ from alchq.config import Settings
 from alchq.exceptions import (
     DatabaseUnreachableError,
     TableMissingError,
+    TaskFailure,
     TaskTimeoutError,
     WorkerLostError,
 )
@@ -112,6 +113,11 @@ class Outcome:
         return values
 
 
+def _bump(counter: Any) -> Any:
+    """``counter + 1``, but never past the CHECK constraint's bound (a hand-edited row)."""
+    return case((counter < MAX_COUNTER, counter + 1), else_=MAX_COUNTER)
+
+
 def _label(model: type[BaseQueue], claim: Claim) -> str:
     key = claim.pk[0] if len(claim.pk) == 1 else claim.pk
     return f"{model.__name__} {key}"
@@ -138,17 +144,24 @@ class _Deferred:
 
 
 class _WriteTracker(threading.local):
-    """Notes whether the thread's task executed any writing SQL during its run."""
+    """Notes whether a run wrote through its task's session (whose writes a lost
+    connection would take with it); writes on other connections are committed
+    on their own and don't count."""
 
     active = False
     writes = False
+    dbapi_connection: Any = None
 
 
 _tracker = _WriteTracker()
 
 
 def _note_writes(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-    if _tracker.active and not statement.lstrip()[:6].upper().startswith(("SELECT", "WITH")):
+    if (
+        _tracker.active
+        and conn.connection.dbapi_connection is _tracker.dbapi_connection
+        and not statement.lstrip()[:6].upper().startswith(("SELECT", "WITH"))
+    ):
         _tracker.writes = True
 
 
@@ -492,11 +505,9 @@ class Worker:
             claims = dialect.claim(
                 self._connection(session, mapper),
                 table,
-                # The bound only matters for a hand-edited row: a claim must
-                # never push the counter past its CHECK constraint.
-                ready=(c.status == Status.PENDING) & (c.alchq_attempts < MAX_COUNTER),
+                ready=c.status == Status.PENDING,
                 order_by=[c.time_created, *table.primary_key.columns],
-                values=self._claim_values(alchq_attempts=c.alchq_attempts + 1),
+                values=self._claim_values(alchq_attempts=_bump(c.alchq_attempts)),
                 token_column="alchq_attempts",  # noqa: S106 - not a password
                 limit=1,
             )
@@ -594,7 +605,15 @@ class Worker:
             session.rollback()
             logger.warning("%s was deleted after it was claimed; skipped", label)
             return None
+        if claim.token >= MAX_COUNTER:
+            # Only a hand-edited row gets here; its token no longer fences anything.
+            bad = TaskFailure(f"alchq_attempts reached its maximum ({MAX_COUNTER}); not run")
+            self._finish(session, hand, Outcome(Status.ERROR, bad, None), task)
+            return task
         _tracker.active, _tracker.writes = True, False
+        _tracker.dbapi_connection = self._connection(
+            session, inspect(model)
+        ).connection.dbapi_connection
         try:
             try:
                 hand.in_run = True
@@ -897,11 +916,8 @@ class Worker:
             c = table.c
             engine = self._engine(session, mapper)
             dialect = self._dialect(engine)
-            expired = (
-                (c.status == Status.PROCESSING)
-                & (c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now()))
-                & (c.alchq_attempts < MAX_COUNTER)
-                & (c.alchq_lost_claims < MAX_COUNTER)
+            expired = (c.status == Status.PROCESSING) & (
+                c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now())
             )
             max_lost = int(self.settings.max_lost_claims)
             try:
@@ -914,7 +930,7 @@ class Worker:
                         "status": Status.PENDING,
                         "alchq_worker": None,
                         "alchq_lease_until": None,
-                        "alchq_lost_claims": c.alchq_lost_claims + 1,
+                        "alchq_lost_claims": _bump(c.alchq_lost_claims),
                         "time_updated": utc_now(),
                     },
                     token_column="alchq_lost_claims",  # noqa: S106 - not a password
@@ -927,8 +943,8 @@ class Worker:
                     ready=expired & (c.alchq_lost_claims + 1 >= max_lost),
                     order_by=[c.alchq_lease_until],
                     values=self._claim_values(
-                        alchq_attempts=c.alchq_attempts + 1,
-                        alchq_lost_claims=c.alchq_lost_claims + 1,
+                        alchq_attempts=_bump(c.alchq_attempts),
+                        alchq_lost_claims=_bump(c.alchq_lost_claims),
                     ),
                     token_column="alchq_attempts",  # noqa: S106 - not a password
                     limit=10,

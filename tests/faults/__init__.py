@@ -1,0 +1,1 @@
+"""Fault tests: real worker processes, real signals, a real database being restarted."""
