@@ -113,6 +113,16 @@ class Outcome:
         return values
 
 
+def _released() -> dict[str, Any]:
+    """Column values that put a claimed task back to PENDING, unowned."""
+    return {
+        "status": Status.PENDING,
+        "alchq_worker": None,
+        "alchq_lease_until": None,
+        "time_updated": utc_now(),
+    }
+
+
 def _bump(counter: Any) -> Any:
     """``counter + 1``, but never past the CHECK constraint's bound (a hand-edited row)."""
     return case((counter < MAX_COUNTER, counter + 1), else_=MAX_COUNTER)
@@ -714,12 +724,7 @@ class Worker:
 
     def _release(self, session: Session, hand: InHand) -> bool:
         """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
-        values = {
-            "status": Status.PENDING,
-            "alchq_worker": None,
-            "alchq_lease_until": None,
-            "time_updated": utc_now(),
-        }
+        values = _released()
         try:
             conn = self._connection(session, inspect(hand.model))
             ok = hand.dialect.finish(conn, hand.table, hand.claim, self._still_ours(hand), values)
@@ -818,12 +823,7 @@ class Worker:
                 call_error = row.status == Status.ERROR
             elif outcome is None or (outcome.status is Status.PROCESSED and deferred.had_writes):
                 # Its run's writes died with the connection: run it again.
-                values = {
-                    "status": Status.PENDING,
-                    "alchq_worker": None,
-                    "alchq_lease_until": None,
-                    "time_updated": utc_now(),
-                }
+                values = _released()
                 hand.dialect.finish(conn, hand.table, hand.claim, self._still_ours(hand), values)
                 conn.commit()
                 logger.warning("%s: back to PENDING; it will run again", hand.label)
@@ -852,16 +852,7 @@ class Worker:
 
     def _finish_elsewhere(self, hand: InHand, outcome: Outcome | None, *, call_error: bool) -> None:
         """From the monitor thread: end the claim on a fresh connection, not waiting on locks."""
-        values = (
-            outcome.values()
-            if outcome is not None
-            else {
-                "status": Status.PENDING,
-                "alchq_worker": None,
-                "alchq_lease_until": None,
-                "time_updated": utc_now(),
-            }
-        )
+        values = outcome.values() if outcome is not None else _released()
         try:
             with hand.engine.connect() as conn:
                 # Briefly: the stuck task's own transaction may hold the row, and
@@ -926,13 +917,7 @@ class Worker:
                     table,
                     ready=expired & (c.alchq_lost_claims + 1 < max_lost),
                     order_by=[c.alchq_lease_until],
-                    values={
-                        "status": Status.PENDING,
-                        "alchq_worker": None,
-                        "alchq_lease_until": None,
-                        "alchq_lost_claims": _bump(c.alchq_lost_claims),
-                        "time_updated": utc_now(),
-                    },
+                    values={**_released(), "alchq_lost_claims": _bump(c.alchq_lost_claims)},
                     token_column="alchq_lost_claims",  # noqa: S106 - not a password
                     limit=100,
                 )
