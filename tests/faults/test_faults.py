@@ -51,6 +51,16 @@ def _settled(queue: Queue, workers: Workers, timeout: float, what: str = "every 
     )
 
 
+def _error_called(queue: Queue, *task_ids: int, timeout: float = 10) -> None:
+    """Wait for error() to have committed: it runs just after ERROR is committed."""
+    wait_until(
+        lambda: all(queue.row(t).errors == 1 for t in task_ids),
+        timeout,
+        what=f"error() of {task_ids} to commit",
+        describe=queue.describe,
+    )
+
+
 def _started(queue: Queue, task_id: int, worker: WorkerProc, timeout: float = 20) -> None:
     """Wait until ``worker`` is inside ``task_id``'s run()."""
     wait_until(
@@ -120,6 +130,8 @@ def test_frozen_worker_is_fenced(queue: Queue, workers: Workers, action: str) ->
         describe=workers.describe,
     )
     _settled(queue, workers, 10)
+    if action != "ok":
+        _error_called(queue, task)
     row = queue.row(task)
     assert second.owns(row.alchq_worker)
     assert queue.starts(task) == [first.pid, second.pid]
@@ -391,6 +403,9 @@ def test_abnormal_endings(queue: Queue, workers: Workers) -> None:
     ids = queue.add_many([{"action": a} for a in plan])
     w = workers.start()
     _settled(queue, workers, 30)
+    _error_called(
+        queue, *(t for t, a in zip(ids, plan, strict=True) if a not in ("ok", "bad_error"))
+    )
     rows = queue.rows()
     for task, action in zip(ids, plan, strict=True):
         row = rows[task]
@@ -425,6 +440,7 @@ def test_os_exit_is_a_lost_claim(queue: Queue, workers: Workers) -> None:
         if not workers.alive():
             workers.start()  # a supervisor restarting the worker each time it died
         time.sleep(0.1)
+    _error_called(queue, always)
     rows = queue.rows()
     assert rows[once].status == Status.PROCESSED
     assert rows[once].alchq_lost_claims == 1 and rows[once].alchq_attempts == 2
@@ -447,6 +463,7 @@ def test_time_limits(queue: Queue, workers: Workers) -> None:
     )
     w = workers.start(env={"FAULT_TIME_LIMIT": "2"})
     _settled(queue, workers, 40)
+    _error_called(queue, hang, hard)
     rows = queue.rows()
     for task in (hang, hard):
         assert rows[task].status == Status.ERROR
