@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import enum
 import re
-from datetime import datetime
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     CheckConstraint,
@@ -44,6 +45,9 @@ from alchq._dialects.base import ready_index_kwargs
 from alchq._dialects.types import UTCDateTime
 from alchq.exceptions import TaskDefinitionError
 
+if TYPE_CHECKING:
+    from alchq.scheduling import Periodic, Retry
+
 __all__ = ["BaseQueue", "Status", "metadata", "mapper_registry"]
 
 
@@ -53,13 +57,16 @@ class Status(str, enum.Enum):
     ::
 
         PENDING ──claim──▶ PROCESSING ──run() returns──▶ PROCESSED
-                                     └──run() raises───▶ ERROR  (then error(exc))
+       │                         ├──run() raises───▶ ERROR  (then error(exc))
+       │                         └──retry / snooze─▶ PENDING (a later run_at)
+       └──cancel()──▶ CANCELLED
     """
 
     PENDING = "PENDING"
     PROCESSING = "PROCESSING"
     PROCESSED = "PROCESSED"
     ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
 
     def __str__(self) -> str:
         return self.value
@@ -80,7 +87,12 @@ metadata = MetaData(
 #: The registry that maps seed-form models.
 mapper_registry = registry(metadata=metadata)
 
-#: Largest value of the alchq_attempts / alchq_lost_claims counters.
+#: Statuses a task never leaves: prune may delete them.
+FINISHED = (Status.PROCESSED, Status.ERROR, Status.CANCELLED)
+#: Statuses during which a unique_key is taken.
+ACTIVE = (Status.PENDING, Status.PROCESSING)
+
+#: Largest value of the alchq_attempts / alchq_lost_claims / alchq_failures counters.
 MAX_COUNTER = 1_000_000
 
 _CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
@@ -108,8 +120,18 @@ class BaseQueue:
         a :class:`Status`, PENDING for a new row.
     ``time_created``, ``time_updated``
         timezone-aware UTC times from the database's clock.
+    ``run_at``
+        not claimed before this time (database clock); default: when created.
+        Pass a ``timedelta`` to mean "this long from now" on the database's clock.
+    ``priority``
+        smaller runs first (default 0; -10 is more urgent than 0, 10 less).
+    ``unique_key``
+        optional; at most one PENDING or PROCESSING task of the model has a
+        given key (see :meth:`enqueue`).
     ``alchq_attempts``
-        how many times the task has been claimed.
+        how many times the task has been claimed (runs, including snoozed ones).
+    ``alchq_failures``
+        how many runs failed (raised); with a retry policy, compared to its attempts.
     ``alchq_worker``
         the worker that holds (or last held) the claim.
     ``alchq_started_at``, ``alchq_finished_at``
@@ -138,6 +160,13 @@ class BaseQueue:
     #: with :class:`alchq.TaskTimeoutError`. Override per model.
     alchq_time_limit: ClassVar[float] = 3600.0
 
+    #: Built-in retries: an :class:`alchq.Retry`, or None (the seed's behaviour:
+    #: ERROR at the first failure).
+    alchq_retry: ClassVar[Retry | None] = None
+
+    #: Periodic tasks this model creates: :class:`alchq.Periodic` schedules.
+    alchq_periodic: ClassVar[Sequence[Periodic]] = ()
+
     @declared_attr.directive
     def __tablename__(cls) -> str:  # noqa: N805 - declared_attr is a class method
         return snake_case(cls.__name__)  # type: ignore[attr-defined]
@@ -156,7 +185,15 @@ class BaseQueue:
     time_updated: Mapped[datetime] = mapped_column(
         UTCDateTime(), server_default=utc_now(), onupdate=utc_now(), nullable=False
     )
+    run_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), server_default=utc_now(), nullable=False
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0", nullable=False)
+    unique_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     alchq_attempts: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", nullable=False
+    )
+    alchq_failures: Mapped[int] = mapped_column(
         Integer, default=0, server_default="0", nullable=False
     )
     alchq_worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -184,6 +221,9 @@ class BaseQueue:
         for key, value in kwargs.items():
             if not hasattr(cls, key):
                 raise TypeError(f"{key!r} is an invalid keyword argument for {cls.__name__}")
+            if key == "run_at" and isinstance(value, timedelta):
+                # Relative to the database's clock, evaluated by the INSERT.
+                value = utc_now(value.total_seconds())
             setattr(self, key, value)
         if "status" not in kwargs:
             self.status = Status.PENDING
@@ -221,7 +261,8 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     Index(
         ready,
         cols.status,
-        cols.time_created,
+        cols.priority,
+        cols.run_at,
         *pk,
         **ready_index_kwargs(cols.status == Status.PENDING.value),
     )
@@ -230,6 +271,23 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
             cols.status.in_([s.value for s in Status]),
             name=_check_name(table, "alchq_status"),
         )
+    )
+    # One PENDING or PROCESSING task per unique_key. (MySQL/MariaDB have no
+    # partial indexes: the index is not unique there; see the dialect seam.)
+    Index(
+        f"ix_{table.name}_alchq_unique",
+        cols.unique_key,
+        unique=True,
+        **ready_index_kwargs(
+            cols.unique_key.is_not(None) & cols.status.in_([s.value for s in ACTIVE])
+        ),
+    )
+    # Pruning's query: finished tasks by age, in batches.
+    Index(
+        f"ix_{table.name}_alchq_finished",
+        cols.status,
+        cols.alchq_finished_at,
+        **ready_index_kwargs(cols.status.in_([s.value for s in FINISHED])),
     )
     # The rescue's query: expired leases among the (few) PROCESSING rows.
     Index(
@@ -243,7 +301,8 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     table.append_constraint(
         CheckConstraint(
             cols.alchq_attempts.between(0, MAX_COUNTER)
-            & cols.alchq_lost_claims.between(0, MAX_COUNTER),
+            & cols.alchq_lost_claims.between(0, MAX_COUNTER)
+            & cols.alchq_failures.between(0, MAX_COUNTER),
             name=_check_name(table, "alchq_counters"),
         )
     )

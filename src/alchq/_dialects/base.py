@@ -7,7 +7,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import Engine, Float, FunctionElement, bindparam, event, select, tuple_, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    FunctionElement,
+    bindparam,
+    delete,
+    event,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -15,6 +25,7 @@ from sqlalchemy.types import DateTime
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Connection, Table
+    from sqlalchemy.sql.dml import Insert
 
 
 class utc_now(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -219,6 +230,44 @@ class Dialect:
             .values(values)
         )
         return conn.execute(stmt).rowcount == 1
+
+    def insert_unless_conflict(
+        self,
+        table: Table,
+        values: dict[str, Any],
+        index_elements: Sequence[ColumnElement[Any]],
+        index_where: ColumnElement[bool] | None = None,
+    ) -> Insert:
+        """An INSERT that does nothing if it would break the unique index on
+        ``index_elements`` (partial: ``index_where``), instead of failing.
+
+        Waits for a concurrent transaction inserting the same key to end, so
+        exactly one of two racing inserts goes in. The caller adds RETURNING.
+        """
+        raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
+
+    def delete_batch(
+        self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int
+    ) -> int:
+        """Delete up to ``limit`` rows matching ``where``; return how many. The caller commits.
+
+        Rows locked by someone else are skipped where the database can, so a
+        batch never waits behind a worker.
+        """
+        pk_cols = list(table.primary_key.columns)
+        pick = table.select().with_only_columns(*pk_cols).where(where).limit(limit)
+        if self.skip_locked:
+            pick = pick.with_for_update(skip_locked=True)
+        key = tuple_(*pk_cols) if len(pk_cols) > 1 else pk_cols[0]
+        if self.returning:
+            picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
+            picked_key = tuple_(*picked.c) if len(pk_cols) > 1 else next(iter(picked.c))
+            return conn.execute(delete(table).where(key.in_(select(picked_key)))).rowcount
+        pks = [tuple(row) for row in conn.execute(pick).all()]
+        if not pks:
+            return 0
+        match = key.in_([p if len(p) > 1 else p[0] for p in pks])
+        return conn.execute(delete(table).where(match).where(where)).rowcount
 
 
 #: SQLSTATEs that mean "the database is (briefly) unable", not "your SQL is wrong".
