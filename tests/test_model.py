@@ -142,7 +142,7 @@ def _ready_index(engine: Engine, table: str) -> dict[str, Any]:
 
 def _assert_ready_index(engine: Engine, table: str, pk: str = "id") -> None:
     ix = _ready_index(engine, table)
-    assert ix["column_names"] == ["status", "time_created", pk]
+    assert ix["column_names"] == ["status", "priority", "time_created", pk]
     assert not ix["unique"]
     # Partial on both databases: only PENDING rows are indexed.
     where = ix.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
@@ -168,7 +168,11 @@ def test_seed_form_is_mapped_by_alchq_into_alchq_metadata() -> None:
         "status",
         "time_created",
         "time_updated",
+        "run_at",
+        "priority",
+        "unique_key",
         "alchq_attempts",
+        "alchq_failures",
         "alchq_worker",
         "alchq_started_at",
         "alchq_finished_at",
@@ -588,7 +592,7 @@ def test_unknown_status_is_refused_by_the_orm(engine: Engine) -> None:
 
 def test_status_is_a_str_enum_usable_in_queries(engine: Engine) -> None:
     assert issubclass(Status, str)
-    assert [s.value for s in Status] == ["PENDING", "PROCESSING", "PROCESSED", "ERROR"]
+    assert [s.value for s in Status] == ["PENDING", "PROCESSING", "PROCESSED", "ERROR", "CANCELLED"]
     assert Status.PENDING == "PENDING"
     assert str(Status.ERROR) == "ERROR" and f"{Status.PROCESSED}" == "PROCESSED"
     assert Status("PROCESSING") is Status.PROCESSING
@@ -874,10 +878,19 @@ def _compare(engine: Engine, target: MetaData) -> dict[str, list[str]]:
 def test_alembic_autogenerate_adds_the_task_tables(engine: Engine) -> None:
     seed = _compare(engine, metadata)
     for table in SEED_FORM_TABLES:
-        assert seed[table] == ["add_table", "add_index", "add_index"], (table, seed[table])
+        assert seed[table] == ["add_table", "add_index", "add_index", "add_index", "add_index"], (
+            table,
+            seed[table],
+        )
 
     mixin = _compare(engine, MtDeclBase.metadata)
-    assert mixin["mt_decl_task"] == ["add_table", "add_index", "add_index"]
+    assert mixin["mt_decl_task"] == [
+        "add_table",
+        "add_index",
+        "add_index",
+        "add_index",
+        "add_index",
+    ]
     assert mixin["mt_decl_owner"] == ["add_table"]
     assert "mt_decl_task" not in seed and "mt_seed_form_task" not in mixin
 

@@ -3,14 +3,17 @@
 Public API::
 
     from alchq import BaseQueue, Status, worker, metadata
+    from alchq import Retry, Snooze, Periodic     # scheduling
 """
 
 from __future__ import annotations
 
 from alchq import worker
 from alchq._dialects.types import UTCDateTime
+from alchq._prune import prune
 from alchq.exceptions import (
     AlchqError,
+    CancelError,
     ConfigurationError,
     DatabaseError,
     DatabaseUnreachableError,
@@ -22,18 +25,24 @@ from alchq.exceptions import (
     TaskTimeoutError,
     WorkerLostError,
 )
-from alchq.model import BaseQueue, Status, metadata
+from alchq.model import BaseQueue, Enqueued, Status, metadata
+from alchq.scheduling import Periodic, Retry, Snooze
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlchqError",
     "BaseQueue",
+    "CancelError",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnreachableError",
+    "Enqueued",
     "ImportTargetError",
     "NoDatabaseError",
+    "Periodic",
+    "Retry",
+    "Snooze",
     "Status",
     "TableMissingError",
     "TaskDefinitionError",
@@ -43,5 +52,6 @@ __all__ = [
     "UTCDateTime",
     "__version__",
     "metadata",
+    "prune",
     "worker",
 ]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from alchq import _prune
 from alchq._imports import import_model
+from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
-from alchq.exceptions import ConfigurationError, DatabaseError
-from alchq.model import BaseQueue
+from alchq.config import Settings, parse_age
+from alchq.exceptions import ConfigurationError, DatabaseError, TableMissingError
+from alchq.model import BaseQueue, Status
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -64,10 +67,17 @@ def run_worker(
     *,
     burst: bool,
     max_tasks: int | None,
+    started: Callable[[Worker], object] | None = None,
     **worker_kwargs: Any,
 ) -> int:
-    """Run a worker; return how many tasks it processed."""
+    """Run a worker; return how many tasks it processed.
+
+    ``started`` is called with the worker before it claims anything (a pool
+    uses it to stop the worker from another thread).
+    """
     worker = Worker(*models, **worker_kwargs)
+    if started is not None:
+        started(worker)
     names = ", ".join(m.__name__ for m in models)
     logger = logging.getLogger("alchq.worker")
     logger.info("worker %s serving %s", worker.id, names)
@@ -84,7 +94,8 @@ def run_worker(
 
 def _burst_limit(worker: Worker, limit: int) -> int:
     done = 0
-    while done < limit and worker.process_one() is not None:
+    # process_one() does not look at stop(): a SIGTERM must end the loop here.
+    while done < limit and not worker.stopping and worker.process_one() is not None:
         done += 1
     return done
 
@@ -104,3 +115,61 @@ def create_tables(models: Sequence[type[BaseQueue]], engine: Engine) -> list[str
             f"cannot create tables in {safe_url(engine)}: {first_line(exc)}"
         ) from exc
     return [t.name for t in tables]
+
+
+def prune_tables(
+    models: Sequence[type[BaseQueue]],
+    *,
+    older_than: str | None = None,
+    processed: str | None = None,
+    error: str | None = None,
+    cancelled: str | None = None,
+    batch_size: int | None = None,
+    session_factory: Any = None,
+    engine: Engine | None = None,
+) -> Iterator[str]:
+    """``prune``: one line of counts per model, as each is done. Ages are the command
+    line's text; --older-than sets all three, a status's own option wins, None means
+    the setting. Checks all its input before deleting anything."""
+    # Parsed before anything touches the database: a typo deletes nothing.
+    base = ... if older_than is None else parse_age(older_than, "--older-than")
+    given = {
+        option: base if value is None else parse_age(value, f"--{option}")
+        for option, value in (("processed", processed), ("error", error), ("cancelled", cancelled))
+    }
+    size = None if batch_size is None else _prune.check_batch_size(batch_size)
+    source = resolve(session_factory, engine)
+    settings = Settings.load(app_config=source.app_config)
+    ages = _prune.resolve_ages(settings, **given)
+    return _prune_each(models, source, ages, size or settings.prune_batch_size)
+
+
+def _prune_each(
+    models: Sequence[type[BaseQueue]],
+    source: SessionSource,
+    ages: dict[Status, float | None],
+    batch_size: int,
+) -> Iterator[str]:
+    for model in models:
+        table = _prune.table_of(model)
+        try:
+            counts = _prune.prune_model(source, model, ages, batch_size)
+        except DBAPIError as exc:
+            raise _prune_failed(source, model, exc) from exc
+        yield _prune.describe(table.name, counts, ages)
+
+
+def _prune_failed(source: SessionSource, model: type[BaseQueue], exc: DBAPIError) -> DatabaseError:
+    """A one-line error for a failed prune: the table is missing, or the database said why."""
+    table = _prune.table_of(model)
+    with _prune.private_session(source) as session:
+        engine = _prune.engine_of(session, model)
+    try:
+        exists = inspect(engine).has_table(table.name, schema=table.schema)
+    except DBAPIError:
+        exists = True  # unreachable: the original error says so
+    if not exists:
+        return TableMissingError(
+            f"table {table.name!r} for {model.__name__} does not exist in {safe_url(engine)}"
+        )
+    return DatabaseError(f"cannot prune {table.name} in {safe_url(engine)}: {first_line(exc)}")

@@ -55,6 +55,8 @@ class InHand:
     #: monotonic time after which the monitor stops the process itself.
     hard_deadline: float | None = None
     lost: bool = False
+    #: failed runs before this one (for the retry policy).
+    failures: int = 0
 
 
 class Monitor:

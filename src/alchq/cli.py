@@ -3,7 +3,9 @@
 ::
 
     alchq run my_app.tasks:MyTask --database-url URL   # or ALCHQ_DATABASE_URL
+    alchq run my_app.tasks:MyTask --concurrency 4      # 4 supervised worker processes
     alchq create-tables my_app.tasks:MyTask --database-url URL
+    alchq prune my_app.tasks:MyTask --older-than 7d --error never
     alchq demo
 
 The Flask commands (``flask alchq ...``) are in :mod:`alchq.flask` and use
@@ -26,8 +28,9 @@ from alchq._commands import (
     create_tables,
     load_models,
     make_engine,
-    run_worker,
+    prune_tables,
 )
+from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
 from alchq.exceptions import AlchqError
 
 
@@ -38,6 +41,13 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 
@@ -68,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tasks", type=_count, default=None, metavar="N", help="exit after N tasks"
     )
     run.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"run N workers under one supervisor (default ${CONCURRENCY_ENV}, else 1); "
+        "--max-tasks applies to each",
+    )
+    run.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="processes",
+        help="with --concurrency: worker processes (default; one that dies is replaced) "
+        "or threads (for I/O-bound tasks)",
+    )
+    run.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -78,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     tables = sub.add_parser("create-tables", help="create the tables of task models")
     tables.add_argument("models", nargs="+", metavar="MODULE:CLASS")
     _url_option(tables)
+
+    prune = sub.add_parser(
+        "prune",
+        help="delete finished tasks older than an age",
+        description="Delete PROCESSED, ERROR and CANCELLED tasks older than an age, in "
+        "batches. AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, or never (keep them). "
+        "Omitted ages come from the settings: ALCHQ_PRUNE_PROCESSED_AFTER (default 7d), "
+        "ALCHQ_PRUNE_ERROR_AFTER (30d), ALCHQ_PRUNE_CANCELLED_AFTER (7d).",
+    )
+    prune.add_argument("models", nargs="+", metavar="MODULE:CLASS")
+    _url_option(prune)
+    prune.add_argument("--older-than", metavar="AGE", help="age for all three statuses")
+    for status in ("processed", "error", "cancelled"):
+        prune.add_argument(
+            f"--{status}", metavar="AGE", help=f"age for {status.upper()} tasks (wins)"
+        )
+    prune.add_argument(
+        "--batch-size", type=int, metavar="N", help="rows deleted per transaction (default 1000)"
+    )
 
     demo = sub.add_parser("demo", help="run the hop/skip/jump demo on a SQLite file")
     demo.add_argument("--database", default="alchq-demo.sqlite", help="SQLite file (recreated)")
@@ -92,12 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             models = load_models(args.models)
             engine = make_engine(args.database_url)
             try:
-                run_worker(
+                return run_pool(
                     models,
                     engine=engine,
                     poll_interval=args.poll_interval,
                     burst=args.burst,
                     max_tasks=args.max_tasks,
+                    concurrency=args.concurrency,
+                    pool=args.pool,
                 )
             finally:
                 engine.dispose()
@@ -109,6 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 engine.dispose()
             print("created (if missing): " + ", ".join(names))
+        elif args.command == "prune":
+            models = load_models(args.models)
+            engine = make_engine(args.database_url)
+            try:
+                for line in prune_tables(
+                    models,
+                    engine=engine,
+                    older_than=args.older_than,
+                    processed=args.processed,
+                    error=args.error,
+                    cancelled=args.cancelled,
+                    batch_size=args.batch_size,
+                ):
+                    print(line, flush=True)
+            finally:
+                engine.dispose()
         elif args.command == "demo":
             from alchq._demo import main as demo_main
 

@@ -7,12 +7,17 @@ keys), then the defaults below.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from typing import Any
 
 from alchq.exceptions import ConfigurationError
+
+DAY = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ class Settings:
     :param kill_after: seconds a task past its time limit, or a worker past its
         grace period, may take to stop once interrupted before the process is
         replaced or exits (``ALCHQ_KILL_AFTER``).
+    :param prune_processed_after: age (seconds since the task finished) after
+        which PROCESSED tasks may be pruned, or None to keep them forever
+        (``ALCHQ_PRUNE_PROCESSED_AFTER``; also ``7d``, ``12h``, ``never``...).
+    :param prune_error_after: the same for ERROR tasks (``ALCHQ_PRUNE_ERROR_AFTER``).
+    :param prune_cancelled_after: the same for CANCELLED tasks
+        (``ALCHQ_PRUNE_CANCELLED_AFTER``).
+    :param prune_interval: seconds between a worker's prunings, or None (also
+        0 or ``off``) for none: the default (``ALCHQ_PRUNE_INTERVAL``).
+    :param prune_batch_size: rows deleted per transaction when pruning
+        (``ALCHQ_PRUNE_BATCH_SIZE``).
     """
 
     poll_interval: float = 1.0
@@ -47,9 +62,16 @@ class Settings:
     max_lost_claims: float = 3
     grace_period: float = 25.0
     kill_after: float = 1.5
+    prune_processed_after: float | None = 7 * DAY
+    prune_error_after: float | None = 30 * DAY
+    prune_cancelled_after: float | None = 7 * DAY
+    prune_interval: float | None = None
+    prune_batch_size: int = 1000
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if f.name in _PRUNE_PARSERS:
+                continue  # they can also say "never"/"off": checked below
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigurationError(f"{f.name} must be a positive number, got {value!r}")
@@ -62,6 +84,15 @@ class Settings:
             raise ConfigurationError(
                 f"max_lost_claims must be a whole number, got {self.max_lost_claims!r}"
             )
+        # Normalised in place (timedelta or "7d" -> seconds, "never"/"off" -> None),
+        # so code reading a Settings only ever sees float | None.
+        for name, parse in _PRUNE_PARSERS.items():
+            object.__setattr__(self, name, parse(getattr(self, name), name))
+        if not float(self.prune_batch_size).is_integer():
+            raise ConfigurationError(
+                f"prune_batch_size must be a whole number, got {self.prune_batch_size!r}"
+            )
+        object.__setattr__(self, "prune_batch_size", int(self.prune_batch_size))
 
     @classmethod
     def load(
@@ -78,10 +109,15 @@ class Settings:
             if overrides is not None and overrides.get(f.name) is not None:
                 values[f.name] = overrides[f.name]
             elif key in environ:
-                values[f.name] = _number(key, environ[key])
+                values[f.name] = _load(f.name, key, environ[key])
             elif app_config is not None and app_config.get(key) is not None:
-                values[f.name] = _number(key, app_config[key])
+                values[f.name] = _load(f.name, key, app_config[key])
         return replace(cls(), **values)
+
+
+def _load(name: str, key: str, raw: Any) -> Any:
+    parse = _PRUNE_PARSERS.get(name)
+    return parse(raw, key) if parse is not None else _number(key, raw)
 
 
 def _number(key: str, raw: Any) -> float:
@@ -89,3 +125,65 @@ def _number(key: str, raw: Any) -> float:
         return float(raw)
     except (TypeError, ValueError):
         raise ConfigurationError(f"{key} must be a number, got {raw!r}") from None
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3_600.0, "d": DAY, "w": 7 * DAY}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)
+#: Longer ages are surely typos; they would also overflow some databases' intervals.
+_MAX_AGE = 100 * 365 * DAY
+AGE_HELP = "a positive age such as 90s, 15m, 12h, 7d, 2w or 3600 (seconds), or never"
+
+
+def parse_age(value: object, name: str = "age") -> float | None:
+    """A prune age in seconds, or None for "never" (keep forever).
+
+    Accepts a ``timedelta``, a number of seconds, or text: ``90s``, ``15m``,
+    ``12h``, ``7d``, ``2w``, ``3600`` or ``never``. Zero is refused rather
+    than given a meaning: "prune everything" and "prune nothing" are both
+    plausible readings of it, and guessing wrong loses data.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "never":
+        return None
+    seconds = _seconds(value)
+    if seconds is None or not 0 < seconds <= _MAX_AGE:
+        raise ConfigurationError(f"{name} must be {AGE_HELP}; got {value!r}")
+    return seconds
+
+
+def parse_interval(value: object, name: str = "interval") -> float | None:
+    """Seconds between runs of a periodic job, or None when it is off (0, ``off``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    seconds = _seconds(value)
+    if seconds == 0:
+        return None
+    if seconds is None or not 0 < seconds <= _MAX_AGE:
+        raise ConfigurationError(
+            f"{name} must be a number of seconds (or 30s, 15m, 1h...), "
+            f"or 0 or off for none; got {value!r}"
+        )
+    return seconds
+
+
+def _seconds(value: object) -> float | None:
+    """``value`` in seconds, or None if it is not a finite duration."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _UNITS[(match[2] or "s").lower()]
+    else:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+#: Prune settings: how each is read and checked (they may say "never"/"off").
+_PRUNE_PARSERS: dict[str, Callable[[object, str], float | None]] = {
+    "prune_processed_after": parse_age,
+    "prune_error_after": parse_age,
+    "prune_cancelled_after": parse_age,
+    "prune_interval": parse_interval,
+}

@@ -7,6 +7,7 @@
     │   ├── TaskDefinitionError    a model class is not a usable task
     │   ├── ImportTargetError      "module:Class" could not be imported
     │   └── NoDatabaseError        the worker was given no way to reach a database
+    ├── CancelError                cancel() of a task that is not PENDING
     ├── DatabaseError              the database must be fixed (operator acts)
     │   ├── DatabaseUnreachableError
     │   └── TableMissingError
@@ -39,6 +40,10 @@ class ImportTargetError(ConfigurationError):
 
 class NoDatabaseError(ConfigurationError):
     """The worker has no session factory, engine or Flask-SQLAlchemy app."""
+
+
+class CancelError(AlchqError):
+    """Only a PENDING task can be cancelled; this one is running or finished."""
 
 
 class DatabaseError(AlchqError):

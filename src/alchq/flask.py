@@ -25,7 +25,14 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from alchq._commands import LOG_LEVELS, configure_logging, create_tables, load_models, run_worker
+from alchq._commands import (
+    LOG_LEVELS,
+    configure_logging,
+    create_tables,
+    load_models,
+    prune_tables,
+)
+from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
 from alchq.exceptions import AlchqError
 
 __all__ = ["Alchq", "cli"]
@@ -71,6 +78,22 @@ def _db() -> Any:
     "--max-tasks", type=click.IntRange(min=0), default=None, metavar="N", help="Exit after N tasks."
 )
 @click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help=f"Run N workers under one supervisor (default: ${CONCURRENCY_ENV}, else 1); "
+    "--max-tasks applies to each.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    default="processes",
+    show_default=True,
+    help="With --concurrency: worker processes (one that dies is replaced), "
+    "or threads for I/O-bound tasks.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -83,17 +106,23 @@ def run_command(
     poll_interval: float | None,
     burst: bool,
     max_tasks: int | None,
+    concurrency: int | None,
+    pool: str,
     log_level: str,
 ) -> None:
     """Run a worker for one or more task models."""
     configure_logging(log_level)
-    run_worker(
+    status = run_pool(
         load_models(models),
         session_factory=_db(),
         poll_interval=poll_interval,
         burst=burst,
         max_tasks=max_tasks,
+        concurrency=concurrency,
+        pool=pool,
     )
+    if status:
+        sys.exit(status)
 
 
 @cli.command("create-tables")
@@ -105,6 +134,41 @@ def create_tables_command(models: tuple[str, ...]) -> None:
     db = _db()
     names = create_tables(loaded, db.engine)
     click.echo("created (if missing): " + ", ".join(names))
+
+
+@cli.command("prune")
+@click.argument("models", nargs=-1, required=True, metavar="MODULE:CLASS...")
+@click.option("--older-than", metavar="AGE", help="Age for all three statuses.")
+@click.option("--processed", metavar="AGE", help="Age for PROCESSED tasks (wins).")
+@click.option("--error", metavar="AGE", help="Age for ERROR tasks (wins).")
+@click.option("--cancelled", metavar="AGE", help="Age for CANCELLED tasks (wins).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), metavar="N", help="Rows deleted per transaction."
+)
+@_fail_cleanly
+def prune_command(
+    models: tuple[str, ...],
+    older_than: str | None,
+    processed: str | None,
+    error: str | None,
+    cancelled: str | None,
+    batch_size: int | None,
+) -> None:
+    """Delete finished tasks older than an age, in batches.
+
+    AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, or never (keep them).
+    Omitted ages come from the ALCHQ_PRUNE_*_AFTER settings (7d; 30d for ERROR).
+    """
+    for line in prune_tables(
+        load_models(models),
+        session_factory=_db(),
+        older_than=older_than,
+        processed=processed,
+        error=error,
+        cancelled=cancelled,
+        batch_size=batch_size,
+    ):
+        click.echo(line)
 
 
 class Alchq:

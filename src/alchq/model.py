@@ -15,19 +15,23 @@ import enum
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from sqlalchemy import (
     CheckConstraint,
+    Column,
     Enum,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     event,
     inspect,
+    select,
+    update,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -35,20 +39,23 @@ from sqlalchemy.orm import (
     DeclarativeMeta,
     Mapped,
     Mapper,
+    Session,
     declared_attr,
     mapped_column,
+    object_session,
     registry,
 )
+from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq._dialects import utc_now
 from alchq._dialects.base import ready_index_kwargs
 from alchq._dialects.types import UTCDateTime
-from alchq.exceptions import TaskDefinitionError
+from alchq.exceptions import CancelError, TaskDefinitionError
 
 if TYPE_CHECKING:
     from alchq.scheduling import Periodic, Retry
 
-__all__ = ["BaseQueue", "Status", "metadata", "mapper_registry"]
+__all__ = ["BaseQueue", "Enqueued", "Status", "metadata", "mapper_registry"]
 
 
 class Status(str, enum.Enum):
@@ -95,12 +102,21 @@ ACTIVE = (Status.PENDING, Status.PROCESSING)
 #: Largest value of the alchq_attempts / alchq_lost_claims / alchq_failures counters.
 MAX_COUNTER = 1_000_000
 
+_T = TypeVar("_T", bound="BaseQueue")
+
 _CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 
 
 def snake_case(name: str) -> str:
     """``MyTask`` → ``my_task``, ``HTTPTask`` → ``http_task`` (as Flask-SQLAlchemy does)."""
     return _CAMEL.sub(r"_\1", name).lower().lstrip("_")
+
+
+class Enqueued(NamedTuple):
+    """What :meth:`BaseQueue.enqueue` did: the task, and whether it is a new row."""
+
+    task: Any
+    created: bool
 
 
 def _mapped_by_its_base(cls: type) -> bool:
@@ -228,6 +244,102 @@ class BaseQueue:
         if "status" not in kwargs:
             self.status = Status.PENDING
 
+    @classmethod
+    def enqueue(cls: type[_T], session: Session, **values: Any) -> Enqueued:
+        """Add a task to ``session`` (flushed, not committed); return ``(task, created)``.
+
+        With a ``unique_key`` that a PENDING or PROCESSING task of this model
+        already has, no row is added: ``created`` is False and ``task`` is that
+        existing task. The database's unique index decides, so two racing
+        callers create one task between them. Without a unique_key this is
+        ``session.add(cls(**values))`` plus a flush, and ``created`` is True.
+
+        Example::
+
+            task, created = Report.enqueue(session, unique_key="daily-2026-11-29", day=...)
+            session.commit()
+        """
+        task = cls(**values)
+        key = values.get("unique_key")
+        if key is None:
+            session.add(task)
+            session.flush()
+            return Enqueued(task, True)
+        from alchq._dialects import dialect_for
+
+        mapper = inspect(cls)
+        table = mapper.local_table
+        assert isinstance(table, Table)
+        c = table.c
+        active = c.status.in_([s.value for s in ACTIVE])
+        row: dict[str, Any] = {}
+        for attr, value in values.items():
+            (column,) = mapper.attrs[attr].columns
+            row[column.key] = getattr(task, attr) if attr == "run_at" else value
+        row["status"] = Status.PENDING
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        engine = conn.engine
+        stmt = dialect_for(engine).insert_unless_conflict(
+            table, row, [c.unique_key], c.unique_key.is_not(None) & active
+        )
+        pk_cols = list(table.primary_key.columns)
+        for _ in range(5):
+            inserted = conn.execute(stmt.returning(*pk_cols)).first()
+            if inserted is not None:
+                ident = tuple(inserted) if len(pk_cols) > 1 else inserted[0]
+                new = session.get(cls, ident)
+                assert new is not None
+                return Enqueued(new, True)
+            existing = session.scalars(
+                select(cls).where(c.unique_key == key, active).limit(1)
+            ).first()
+            if existing is not None:
+                return Enqueued(existing, False)
+            # The holder of the key finished in between: try again.
+        raise RuntimeError(f"{cls.__name__}: could not enqueue unique_key {key!r}")
+
+    def cancel(self, session: Session | None = None) -> None:
+        """Cancel this task if it is PENDING: it ends CANCELLED and never runs.
+
+        Runs in ``session`` (default: the task's own); commit it to make it
+        stick. Cancelling a CANCELLED task does nothing. A PROCESSING,
+        PROCESSED or ERROR task raises :class:`alchq.CancelError`.
+        """
+        session = session if session is not None else object_session(self)
+        if session is None:
+            raise CancelError(f"{self!r} is not in a session: pass the session to cancel()")
+        state = inspect(self)
+        if state.key is None:
+            session.flush()
+        mapper = state.mapper
+        table = mapper.local_table
+        assert isinstance(table, Table)
+        c = table.c
+        ident = inspect(self).identity
+        assert ident is not None
+        match = [col == v for col, v in zip(mapper.primary_key, ident, strict=True)]
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        done = conn.execute(
+            update(table)
+            .where(*match, c.status == Status.PENDING)
+            .values(
+                status=Status.CANCELLED,
+                alchq_finished_at=utc_now(),
+                alchq_lease_until=None,
+                time_updated=utc_now(),
+            )
+        ).rowcount
+        if done != 1:
+            status = conn.execute(select(c.status).where(*match)).scalar_one_or_none()
+            if status != Status.CANCELLED:
+                what = "deleted" if status is None else str(status)
+                raise CancelError(
+                    f"{type(self).__name__} {ident[0] if len(ident) == 1 else ident} is "
+                    f"{what}: only a PENDING task can be cancelled"
+                )
+        set_committed_value(self, "status", Status.CANCELLED)
+        session.expire(self, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
+
     def run(self) -> None:
         """Do the task. Override this; the worker calls it once per claim."""
         raise NotImplementedError(f"{type(self).__name__} must define run()")
@@ -250,6 +362,8 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     table = mapper.local_table
     if not isinstance(table, Table) or mapper.inherits is not None:
         return
+    if getattr(cls, "alchq_periodic", None):
+        ticks_table(table.metadata)
     ready = f"ix_{table.name}_alchq_ready"
     if any(ix.name == ready for ix in table.indexes):
         return
@@ -262,7 +376,7 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         ready,
         cols.status,
         cols.priority,
-        cols.run_at,
+        cols.time_created,
         *pk,
         **ready_index_kwargs(cols.status == Status.PENDING.value),
     )
@@ -308,6 +422,25 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     )
 
 
+def ticks_table(metadata: MetaData) -> Table:
+    """The table recording each periodic tick that created a task (one per metadata).
+
+    Its primary key (schedule, tick) is what makes a tick create exactly one
+    task, however many schedulers run.
+    """
+    existing = metadata.tables.get("alchq_ticks")
+    if existing is not None:
+        return existing
+    return Table(
+        "alchq_ticks",
+        metadata,
+        Column("schedule", String(255), nullable=False),
+        Column("tick", UTCDateTime(), nullable=False),
+        Column("time_created", UTCDateTime(), server_default=utc_now(), nullable=False),
+        PrimaryKeyConstraint("schedule", "tick", name="pk_alchq_ticks"),
+    )
+
+
 def _check_name(table: Table, name: str) -> str:
     """A CHECK constraint name unique per database (MySQL requires it) with or without
     a naming convention in the table's metadata."""
@@ -335,4 +468,24 @@ def check_task_model(model: object) -> type[BaseQueue]:
         raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
     if len(mapper.primary_key) == 0:
         raise TaskDefinitionError(f"{model.__name__} has no primary key")
+    from alchq.scheduling import Periodic, Retry
+
+    if model.alchq_retry is not None and not isinstance(model.alchq_retry, Retry):
+        raise TaskDefinitionError(
+            f"{model.__name__}.alchq_retry must be an alchq.Retry or None, "
+            f"got {model.alchq_retry!r}"
+        )
+    declared = model.alchq_periodic
+    for periodic in [declared] if isinstance(declared, Periodic) else declared:
+        if not isinstance(periodic, Periodic):
+            raise TaskDefinitionError(
+                f"{model.__name__}.alchq_periodic must hold alchq.Periodic schedules, "
+                f"got {periodic!r}"
+            )
+        unknown = [k for k in periodic.values if k not in mapper.column_attrs]
+        if unknown:
+            raise TaskDefinitionError(
+                f"{model.__name__}: periodic task {periodic.spec!r} sets unknown "
+                f"column(s) {', '.join(map(repr, unknown))}"
+            )
     return model

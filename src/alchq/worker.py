@@ -55,6 +55,7 @@ from alchq._monitor import (
     replace_process,
     send_alarm,
 )
+from alchq._scheduler import Scheduler
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
 from alchq.config import Settings
@@ -66,6 +67,7 @@ from alchq.exceptions import (
     WorkerLostError,
 )
 from alchq.model import MAX_COUNTER, BaseQueue, Status, check_task_model, metadata
+from alchq.scheduling import Snooze
 
 __all__ = [
     "Worker",
@@ -90,26 +92,35 @@ class Outcome:
     status: Status
     exc: BaseException | None = None
     traceback: str | None = None
+    #: With status PENDING: run again in this many seconds (a retry or a snooze).
+    again_in: float | None = None
 
-    def values(self) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "status": self.status,
-            "alchq_finished_at": utc_now(),
-            "time_updated": utc_now(),
-            "alchq_error_type": None,
-            "alchq_error_message": None,
-            "alchq_traceback": None,
-        }
-        if self.exc is not None:
+    @property
+    def failed(self) -> bool:
+        """Does this run count as a failure (``alchq_failures``)? A snooze does not."""
+        return self.exc is not None and not isinstance(self.exc, Snooze)
+
+    def values(self, table: Table) -> dict[str, Any]:
+        values: dict[str, Any] = {"status": self.status, "time_updated": utc_now()}
+        if self.status is Status.PENDING:
+            values.update(_released())
+            values["run_at"] = utc_now(self.again_in or 0.0)
+        else:
+            values["alchq_finished_at"] = utc_now()
+        if self.failed:
+            assert self.exc is not None
             cls = type(self.exc)
             name = (
                 cls.__qualname__
                 if cls.__module__ == "builtins"
                 else f"{cls.__module__}.{cls.__qualname__}"
             )
+            values["alchq_failures"] = _bump(table.c.alchq_failures)
             values["alchq_error_type"] = name[:255]
             values["alchq_error_message"] = str(self.exc)[:_MAX_MESSAGE]
             values["alchq_traceback"] = (self.traceback or "")[-_MAX_TRACEBACK:]
+        elif self.status is Status.PROCESSED:
+            values.update(alchq_error_type=None, alchq_error_message=None, alchq_traceback=None)
         return values
 
 
@@ -186,6 +197,8 @@ class Worker:
     :param settings: a full :class:`alchq.config.Settings` (leases, grace period...).
     :param name: this worker's id as recorded on the rows it claims
         (default ``host:pid:random``).
+    :param scheduler: create the models' periodic tasks (``alchq_periodic``)
+        from a thread of this worker (default True).
 
     Example::
 
@@ -200,6 +213,7 @@ class Worker:
         poll_interval: float | None = None,
         settings: Settings | None = None,
         name: str | None = None,
+        scheduler: bool = True,
     ) -> None:
         if not models:
             raise TypeError("Worker needs at least one BaseQueue model")
@@ -223,6 +237,7 @@ class Worker:
             on_time_limit=self._time_limit_reached,
             on_hard_deadline=self._hard_deadline_reached,
         )
+        self._scheduler = Scheduler(self, self.models if scheduler else ())
 
     # -- control -------------------------------------------------------------
 
@@ -274,6 +289,7 @@ class Worker:
                 progressed = False
                 try:
                     self._maybe_rescue()
+                    self._maybe_prune()
                     for model in self.models:
                         if self.stopping or (limit is not None and done >= limit):
                             break
@@ -313,6 +329,7 @@ class Worker:
         """Signals and the monitor thread, for the duration of a public call."""
         self._monitor.start()
         try:
+            self._scheduler.start()
             with self._signal_handlers():
                 try:
                     yield
@@ -326,6 +343,7 @@ class Worker:
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
+            self._scheduler.close()
             self._monitor.close()
 
     @contextlib.contextmanager
@@ -436,7 +454,7 @@ class Worker:
             )
             logger.error("%s could not be interrupted; replacing the worker process", hand.label)
             with self._app_context():
-                self._finish_elsewhere(hand, Outcome(Status.ERROR, exc, None), call_error=True)
+                self._finish_elsewhere(hand, self._failure(hand, exc, None), call_error=True)
             replace_process()
         else:
             logger.error("%s could not be interrupted; exiting now", hand.label)
@@ -515,8 +533,10 @@ class Worker:
             claims = dialect.claim(
                 self._connection(session, mapper),
                 table,
-                ready=c.status == Status.PENDING,
-                order_by=[c.time_created, *table.primary_key.columns],
+                # Due tasks only, on the database's clock; most urgent (lowest
+                # priority number) first, then oldest first.
+                ready=(c.status == Status.PENDING) & (c.run_at <= utc_now()),
+                order_by=[c.priority, c.time_created, *table.primary_key.columns],
                 values=self._claim_values(alchq_attempts=_bump(c.alchq_attempts)),
                 token_column="alchq_attempts",  # noqa: S106 - not a password
                 limit=1,
@@ -615,6 +635,7 @@ class Worker:
             session.rollback()
             logger.warning("%s was deleted after it was claimed; skipped", label)
             return None
+        hand.failures = int(task.alchq_failures or 0)
         if claim.token >= MAX_COUNTER:
             # Only a hand-edited row gets here; its token no longer fences anything.
             bad = TaskFailure(f"alchq_attempts reached its maximum ({MAX_COUNTER}); not run")
@@ -653,11 +674,22 @@ class Worker:
                 )
                 self._defer(hand, None)
                 return task
-            self._finish(session, hand, Outcome(Status.ERROR, exc, tb), task)
+            self._finish(session, hand, self._failure(hand, exc, tb), task)
             return task
         _tracker.active = False
         self._finish(session, hand, Outcome(Status.PROCESSED), task, had_writes=_tracker.writes)
         return task
+
+    @staticmethod
+    def _failure(hand: InHand, exc: BaseException, tb: str | None) -> Outcome:
+        """The outcome of a run that raised: a snooze, a retry (policy), or ERROR."""
+        if isinstance(exc, Snooze):
+            return Outcome(Status.PENDING, exc, None, again_in=exc.seconds)
+        policy = hand.model.alchq_retry
+        failures = hand.failures + 1
+        if policy is not None and policy.retries(exc, failures):
+            return Outcome(Status.PENDING, exc, tb, again_in=policy.wait(failures))
+        return Outcome(Status.ERROR, exc, tb)
 
     @staticmethod
     def _keep_status(task: BaseQueue) -> None:
@@ -685,7 +717,7 @@ class Worker:
         detail: str | None = None,
     ) -> None:
         """Commit ``outcome`` (with what run() flushed) if the claim is still ours."""
-        values = outcome.values()
+        values = outcome.values(hand.table)
         try:
             conn = self._connection(session, inspect(hand.model))
             if not hand.dialect.finish(
@@ -714,11 +746,17 @@ class Worker:
             return
         if task is not None:
             for key in ("status", "alchq_error_type", "alchq_error_message", "alchq_traceback"):
-                set_committed_value(task, key, values[key])
-            session.expire(task, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
+                if key in values:
+                    set_committed_value(task, key, values[key])
+            # Written by SQL expressions: read back on access.
+            computed = ("alchq_finished_at", "time_updated", "alchq_lease_until", "alchq_worker")
+            session.expire(task, [*computed, "run_at", "alchq_failures"])
         if outcome.exc is not None and detail is None:
             detail = f"{type(outcome.exc).__name__}: {outcome.exc}"
-        self._log_end(hand, outcome.status, detail)
+        if outcome.status is Status.PENDING:
+            self._log_again(hand, outcome)
+        else:
+            self._log_end(hand, outcome.status, detail)
         if outcome.status is Status.ERROR and task is not None and outcome.exc is not None:
             self._call_error(session, task, outcome.exc, hand.label)
 
@@ -751,6 +789,34 @@ class Worker:
                 session.rollback()
             logger.error("%s: error() raised %s: %s", label, type(err).__name__, err)
             logger.debug("error() traceback", exc_info=True)
+
+    @staticmethod
+    def _log_again(hand: InHand, outcome: Outcome) -> None:
+        """A run that ended with the task PENDING again: snoozed, or failed and retried."""
+        duration = time.monotonic() - hand.started
+        extra = {"alchq_outcome": "RETRY", "alchq_duration": duration}
+        if not outcome.failed:
+            extra["alchq_outcome"] = "SNOOZED"
+            logger.info(
+                "%s snoozed after %.3fs: runs again in %gs",
+                hand.label,
+                duration,
+                outcome.again_in,
+                extra=extra,
+            )
+            return
+        policy = hand.model.alchq_retry
+        logger.warning(
+            "%s failed in %.3fs (attempt %d of %d), retrying in %.1fs: %s: %s",
+            hand.label,
+            duration,
+            hand.failures + 1,
+            policy.attempts if policy is not None else 1,
+            outcome.again_in,
+            type(outcome.exc).__name__,
+            outcome.exc,
+            extra=extra,
+        )
 
     @staticmethod
     def _log_end(hand: InHand, status: Status, detail: str | None = None) -> None:
@@ -830,7 +896,7 @@ class Worker:
                 return
             else:
                 hand.dialect.finish(
-                    conn, hand.table, hand.claim, self._still_ours(hand), outcome.values()
+                    conn, hand.table, hand.claim, self._still_ours(hand), outcome.values(hand.table)
                 )
                 conn.commit()
                 call_error = outcome.status is Status.ERROR
@@ -852,7 +918,7 @@ class Worker:
 
     def _finish_elsewhere(self, hand: InHand, outcome: Outcome | None, *, call_error: bool) -> None:
         """From the monitor thread: end the claim on a fresh connection, not waiting on locks."""
-        values = outcome.values() if outcome is not None else _released()
+        values = outcome.values(hand.table) if outcome is not None else _released()
         try:
             with hand.engine.connect() as conn:
                 # Briefly: the stuck task's own transaction may hold the row, and
@@ -896,6 +962,19 @@ class Worker:
         self._next_rescue = time.monotonic() + self.settings.rescue_interval
         for model in self.models:
             self._rescue(model)
+
+    def _maybe_prune(self) -> None:
+        """Every prune_interval (off by default), delete old finished tasks, between tasks.
+
+        Logs and swallows its own failures: housekeeping must not stop the worker.
+        """
+        interval = self.settings.prune_interval
+        if interval is None or time.monotonic() < getattr(self, "_next_prune", 0.0):
+            return
+        self._next_prune = time.monotonic() + interval
+        from alchq._prune import prune_periodically
+
+        prune_periodically(self.source, self.models, self.settings, lambda: self.stopping)
 
     def _rescue(self, model: type[BaseQueue]) -> None:
         """Put tasks of lost workers back, or end them once they were lost too often."""

@@ -260,6 +260,12 @@ class Dialect:
             pick = pick.with_for_update(skip_locked=True)
         key = tuple_(*pk_cols) if len(pk_cols) > 1 else pk_cols[0]
         if self.returning:
+            if not self.skip_locked:
+                # A plain subquery: sqlite3 reports no rowcount (-1) for a
+                # statement that starts with WITH.
+                return conn.execute(delete(table).where(key.in_(pick))).rowcount
+            # A materialized CTE, as in claim(): evaluated once, so SKIP LOCKED
+            # cannot lock (and delete) more than ``limit`` rows.
             picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
             picked_key = tuple_(*picked.c) if len(pk_cols) > 1 else next(iter(picked.c))
             return conn.execute(delete(table).where(key.in_(select(picked_key)))).rowcount

@@ -1,0 +1,407 @@
+"""Several workers in one command: ``alchq run ... --concurrency N``.
+
+``processes`` (the default): the command becomes a supervisor. It first
+checks, in-process, what every worker would trip over at once (the models, the
+database, the tables), then runs its own command line N times with
+``ALCHQ_POOL_CHILD`` set, which makes each child one plain worker.
+Re-executing rather than forking means no connection, lock or thread is
+inherited, and it works alike for ``alchq``, ``python -m alchq`` and
+``flask alchq``. Children get a session of their own, so a Ctrl-C on the
+terminal reaches only the supervisor, which passes on exactly one SIGTERM per
+signal it receives (a worker takes a second signal as "stop now").
+
+``threads``: N workers in this process, each in a thread with its own
+sessions; the main thread takes the signals for all of them.
+
+Either way a worker that dies is reported in one line and replaced, unless
+they keep dying within seconds of starting: then the pool gives up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import DBAPIError
+
+from alchq._commands import run_worker
+from alchq._util import first_line
+from alchq.exceptions import AlchqError, ConfigurationError
+from alchq.model import BaseQueue
+from alchq.worker import Worker
+
+__all__ = ["CONCURRENCY_ENV", "POOLS", "run_pool"]
+
+logger = logging.getLogger("alchq.pool")
+
+POOLS = ("processes", "threads")
+#: Default number of workers when ``--concurrency`` is not given.
+CONCURRENCY_ENV = "ALCHQ_CONCURRENCY"
+#: Set in a child: its number (1..N). Makes the command one plain worker.
+CHILD_ENV = "ALCHQ_POOL_CHILD"
+#: Set in a child: the supervisor's pid, to notice when it is gone.
+SUPERVISOR_ENV = "ALCHQ_SUPERVISOR_PID"
+
+#: A worker that ends within this many seconds of starting died "quickly"...
+QUICK_DEATH = 5.0
+#: ...and after this many quick deaths in a row the pool gives up.
+MAX_QUICK_DEATHS = 5
+#: How often the supervisor looks at its workers (seconds).
+_TICK = 0.1
+
+#: Runs one worker, calling its argument with the Worker once built.
+RunOne = Callable[[Callable[[Worker], object]], object]
+
+
+def concurrency_from(option: int | None) -> int:
+    """The number of workers: the option, else ``$ALCHQ_CONCURRENCY``, else 1."""
+    if option is None:
+        raw = os.environ.get(CONCURRENCY_ENV, "").strip()
+        if not raw:
+            return 1
+        try:
+            option = int(raw)
+        except ValueError:
+            option = 0
+        if option < 1:
+            raise ConfigurationError(f"{CONCURRENCY_ENV} must be a whole number >= 1, got {raw!r}")
+    if option < 1:
+        raise ConfigurationError(f"concurrency must be 1 or more, got {option}")
+    return option
+
+
+def run_pool(
+    models: Sequence[type[BaseQueue]],
+    *,
+    concurrency: int | None,
+    pool: str,
+    burst: bool,
+    max_tasks: int | None,
+    **worker_kwargs: Any,
+) -> int:
+    """Run the workers of ``alchq run``; return the command's exit status.
+
+    With one worker (the default), and in a pool's child, this is exactly one
+    plain worker.
+    """
+    if os.environ.get(CHILD_ENV):
+        run_worker(
+            models, burst=burst, max_tasks=max_tasks, started=_watch_supervisor, **worker_kwargs
+        )
+        return 0
+    size = concurrency_from(concurrency)
+    if size == 1:
+        run_worker(models, burst=burst, max_tasks=max_tasks, **worker_kwargs)
+        return 0
+    if pool not in POOLS:
+        raise ConfigurationError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    probe = Worker(*models, **worker_kwargs)  # checks the models and settings
+    _preflight(probe)
+
+    def run_one(started: Callable[[Worker], object]) -> None:
+        # Each thread its own worker, sessions and (Flask) app context.
+        with probe._app_context():
+            run_worker(models, burst=burst, max_tasks=max_tasks, started=started, **worker_kwargs)
+
+    def spawn(index: int) -> _Member:
+        return _Thread(index, run_one) if pool == "threads" else _Process(index)
+
+    names = ", ".join(m.__name__ for m in models)
+    logger.info("starting %d worker %s for %s", size, pool, names)
+    forever = not burst and max_tasks is None
+    return _Supervisor(size, spawn, forever=forever, kind=pool).run()
+
+
+def _preflight(worker: Worker) -> None:
+    """Fail once, before any worker starts, on what all of them would fail on at once.
+
+    An unreachable database or a missing table is reported as the plain
+    command reports it; other database errors are left to the workers, which
+    wait out a server that is starting up.
+    """
+    for model in worker.models:
+        mapper = inspect(model)
+        session = worker.source.open()
+        try:
+            bind = session.get_bind(mapper=mapper)
+            engine = bind if isinstance(bind, Engine) else bind.engine
+            try:
+                with engine.connect() as conn:
+                    conn.execute(select(*mapper.local_table.primary_key.columns).limit(1))
+            except DBAPIError as exc:
+                problem = worker._diagnose(exc, model, engine)
+                if isinstance(problem, AlchqError):
+                    raise problem from exc
+            # Process children open their own connections: keep none here.
+            engine.dispose()
+        finally:
+            worker.source.release(session)
+
+
+# -- stopping one Worker, as its own signal handler would ------------------------------------
+
+
+def _stop_gracefully(worker: Worker) -> threading.Timer:
+    """A first SIGTERM: claim nothing more; the task in hand has the grace period."""
+    worker.stop()
+    timer = threading.Timer(worker.settings.grace_period, worker._grace_expired)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _stop_now(worker: Worker, why: str) -> None:
+    """A second signal: the task in hand goes back to PENDING at once."""
+    worker._stop_now(worker._monitor.hand, why)
+
+
+def _watch_supervisor(worker: Worker) -> None:
+    """In a child: stop when the supervisor is gone (SIGKILLed) instead of running on alone."""
+    supervisor = int(os.environ.get(SUPERVISOR_ENV) or 0)
+
+    def watch() -> None:
+        # Orphans are adopted by another process: the parent pid changes.
+        while os.getppid() == supervisor:
+            time.sleep(0.5)
+        logger.warning("the supervisor (pid %d) is gone; stopping", supervisor)
+        _stop_gracefully(worker)
+
+    threading.Thread(target=watch, name="alchq-supervisor-watch", daemon=True).start()
+
+
+# -- the pool's members ----------------------------------------------------------------------
+
+
+class _Member(Protocol):
+    index: int
+    started: float
+    name: str
+
+    def poll(self) -> int | None:
+        """The exit status once ended (negative: killed by that signal), else None."""
+
+    def how(self, status: int) -> str:
+        """How it ended, for a log line."""
+
+    def stop(self, now: bool) -> None:
+        """Pass on a stop request: the first, or a later one (stop now)."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class _Process:
+    """A child process running the command line of the supervisor."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.started = time.monotonic()
+        env = {**os.environ, CHILD_ENV: str(index), SUPERVISOR_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(
+            [sys.executable, *sys.orig_argv[1:]],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # terminal signals reach the supervisor only
+        )
+        self.name = f"worker process {index} (pid {self.proc.pid})"
+        logger.info("%s started", self.name)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def how(self, status: int) -> str:
+        if status < 0:
+            return f"died (killed by {_signal_name(-status)})"
+        return "stopped" if status == 0 else f"died (exit status {status})"
+
+    def stop(self, now: bool) -> None:
+        # send_signal() does nothing once the child was reaped (no pid reuse).
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+
+
+class _Thread:
+    """A worker in a thread of the supervisor."""
+
+    def __init__(self, index: int, run_one: RunOne) -> None:
+        self.index = index
+        self.started = time.monotonic()
+        self.name = f"worker thread {index}"
+        self._run_one = run_one
+        self._lock = threading.Lock()
+        self._worker: Worker | None = None
+        self._stops = 0
+        self._timers: list[threading.Timer] = []
+        self._status: int | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._main, name=f"alchq-worker-{index}", daemon=True
+        )
+        self._thread.start()
+        logger.info("%s started", self.name)
+
+    def _main(self) -> None:
+        try:
+            self._run_one(self._started)
+            self._status = 0
+        except SystemExit as exc:  # a worker stopped before its task finished
+            self._status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:
+            self._error, self._status = exc, 1
+            logger.debug("%s traceback", self.name, exc_info=True)
+        finally:
+            for timer in self._timers:
+                timer.cancel()
+
+    def _started(self, worker: Worker) -> None:
+        with self._lock:
+            self._worker = worker
+            if self._stops:  # asked to stop before the worker existed
+                worker.stop()
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self._status
+
+    def how(self, status: int) -> str:
+        if self._error is not None:
+            return f"died ({type(self._error).__name__}: {first_line(self._error)})"
+        return "stopped" if status == 0 else f"died (exit status {status})"
+
+    def stop(self, now: bool) -> None:
+        with self._lock:
+            self._stops += 1
+            worker = self._worker
+        if worker is None:
+            return
+        if now:
+            _stop_now(worker, "stopped again")
+        else:
+            self._timers.append(_stop_gracefully(worker))
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+
+
+class _Supervisor:
+    """Keeps ``size`` members running until they are done or asked to stop."""
+
+    def __init__(
+        self, size: int, spawn: Callable[[int], _Member], *, forever: bool, kind: str
+    ) -> None:
+        self.size = size
+        self.spawn = spawn
+        self.forever = forever
+        self.kind = kind
+        self._requests: list[str] = []  # stop requests, e.g. "SIGTERM received"
+        self._passed_on = 0
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._requests)
+
+    def run(self) -> int:
+        members: dict[int, _Member] = {}
+        with self._signal_handlers():
+            try:
+                return self._supervise(members)
+            finally:
+                # Only after an unexpected error: don't leave workers behind.
+                for member in members.values():
+                    if member.poll() is None:
+                        member.stop(now=False)
+
+    def _supervise(self, members: dict[int, _Member]) -> int:
+        for index in range(1, self.size + 1):
+            members[index] = self.spawn(index)
+        final: dict[int, int] = {}  # each slot's last exit status
+        due: dict[int, float] = {}  # slots to refill, and when
+        quick = 0
+        failure: str | None = None
+        while members or (due and not self.stopping):
+            self._pass_on_stops(members)
+            now = time.monotonic()
+            for index, member in list(members.items()):
+                status = member.poll()
+                if status is None:
+                    continue
+                del members[index]
+                # A worker killed by our own SIGTERM had no task in hand (its
+                # handlers were not installed yet): a clean stop.
+                clean = status == 0 or (self.stopping and status == -signal.SIGTERM)
+                final[index] = 0 if clean else status
+                if self.stopping or (clean and not self.forever):
+                    if not clean:
+                        logger.warning("%s %s", member.name, member.how(status))
+                    continue
+                quick = quick + 1 if now - member.started < QUICK_DEATH else 0
+                if quick >= MAX_QUICK_DEATHS:
+                    failure = (
+                        f"{member.name} {member.how(status)}; {quick} {self.kind} in a row "
+                        f"ended within {QUICK_DEATH:g}s of starting: giving up"
+                    )
+                    self._requests.append("giving up")
+                    continue
+                # Back off while they keep dying: 0, 1, 2, 4 s...
+                delay = 0.0 if quick <= 1 else float(2 ** (quick - 2))
+                later = f" in {delay:g}s" if delay else ""
+                logger.warning(
+                    "%s %s; starting a new one%s", member.name, member.how(status), later
+                )
+                due[index] = now + delay
+            if self.stopping:
+                due.clear()
+            for index, when in list(due.items()):
+                if now >= when:
+                    del due[index]
+                    members[index] = self.spawn(index)
+            if members or due:
+                time.sleep(_TICK)
+        if failure is not None:
+            raise AlchqError(failure)
+        return 0 if all(status == 0 for status in final.values()) else 1
+
+    def _pass_on_stops(self, members: dict[int, _Member]) -> None:
+        """One stop request to each member per request received (the second: stop now)."""
+        while self._passed_on < len(self._requests):
+            why = self._requests[self._passed_on]
+            self._passed_on += 1
+            now = self._passed_on > 1
+            if now:
+                logger.warning("%s again: stopping the %s now", why, self.kind)
+            else:
+                logger.info(
+                    "%s: stopping %d worker %s (again to stop now)", why, len(members), self.kind
+                )
+            for member in members.values():
+                member.stop(now)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            # Only note it: the loop passes it on (never half-way through a spawn).
+            self._requests.append(f"{_signal_name(signum)} received")
+
+        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

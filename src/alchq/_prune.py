@@ -1,0 +1,261 @@
+"""Retention: delete finished tasks older than an age, in short batches.
+
+::
+
+    alchq.prune(MyTask, engine=engine)                          # ages from the settings
+    alchq.prune(MyTask, engine=engine, processed=timedelta(days=1), error=None)
+
+Only PROCESSED, ERROR and CANCELLED rows are ever deleted, each status by its
+own age, measured on the database's clock from ``alchq_finished_at`` (from
+``time_updated`` for finished rows without one, e.g. written by hand). Every
+batch is its own transaction and skips rows locked by others, so pruning never
+holds locks for long nor waits behind a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from types import EllipsisType
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, Table, bindparam, inspect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from alchq._dialects import Dialect, dialect_for, utc_now
+from alchq._sessions import SessionSource, resolve
+from alchq._util import first_line
+from alchq.config import Settings, parse_age
+from alchq.exceptions import ConfigurationError
+from alchq.model import FINISHED, BaseQueue, Status, check_task_model
+
+__all__ = ["prune"]
+
+logger = logging.getLogger("alchq.prune")
+
+#: An age: seconds, a timedelta, text such as "7d" or "never", or None (never).
+Age = timedelta | float | str | None
+
+#: Engines already prepared (SQLite busy timeout and WAL): once per engine.
+_prepared: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def prune(
+    *models: type[BaseQueue],
+    session_factory: Any = None,
+    engine: Engine | None = None,
+    processed: Age | EllipsisType = ...,
+    error: Age | EllipsisType = ...,
+    cancelled: Age | EllipsisType = ...,
+    batch_size: int | None = None,
+) -> dict[str, int]:
+    """Delete the models' finished tasks older than their status's age.
+
+    :param models: the BaseQueue models to prune.
+    :param session_factory: a ``sessionmaker``, ``scoped_session``, Flask-SQLAlchemy
+        ``db`` or any callable returning a Session (or pass ``engine=``; inside a
+        Flask app context neither is needed).
+    :param processed: age after which PROCESSED tasks go: a ``timedelta``, seconds,
+        text (``"12h"``, ``"7d"``) or None / ``"never"`` to keep them.
+        Default: the ``prune_processed_after`` setting (7 days).
+    :param error: the same for ERROR tasks (default ``prune_error_after``, 30 days).
+    :param cancelled: the same for CANCELLED tasks (default ``prune_cancelled_after``,
+        7 days).
+    :param batch_size: rows per transaction (default ``prune_batch_size``, 1000).
+    :returns: how many rows were deleted per status, e.g.
+        ``{"PROCESSED": 120, "ERROR": 3, "CANCELLED": 0}`` (summed over the models).
+
+    Database errors propagate as SQLAlchemy raises them; rows deleted by batches
+    committed before the error stay deleted. Example::
+
+        alchq.prune(MyTask, engine=engine, processed=timedelta(days=1), error="never")
+    """
+    if not models:
+        raise TypeError("prune needs at least one BaseQueue model")
+    checked = [check_task_model(m) for m in models]
+    source = resolve(session_factory, engine)
+    settings = Settings.load(app_config=source.app_config)
+    ages = resolve_ages(settings, processed=processed, error=error, cancelled=cancelled)
+    size = settings.prune_batch_size if batch_size is None else check_batch_size(batch_size)
+    total = {s.value: 0 for s in FINISHED}
+    for model in checked:
+        for status, n in prune_model(source, model, ages, size).items():
+            total[status] += n
+    return total
+
+
+def resolve_ages(
+    settings: Settings,
+    *,
+    processed: Age | EllipsisType = ...,
+    error: Age | EllipsisType = ...,
+    cancelled: Age | EllipsisType = ...,
+) -> dict[Status, float | None]:
+    """Each finished status's age in seconds (None: keep): the argument, else the setting."""
+    given = {Status.PROCESSED: processed, Status.ERROR: error, Status.CANCELLED: cancelled}
+    defaults = {
+        Status.PROCESSED: settings.prune_processed_after,
+        Status.ERROR: settings.prune_error_after,
+        Status.CANCELLED: settings.prune_cancelled_after,
+    }
+    return {
+        status: defaults[status] if value is ... else parse_age(value, status.value.lower())
+        for status, value in given.items()
+    }
+
+
+def check_batch_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"batch_size must be a whole number of 1 or more, got {value!r}")
+    return value
+
+
+def prune_model(
+    source: SessionSource,
+    model: type[BaseQueue],
+    ages: Mapping[Status, float | None],
+    batch_size: int,
+    stop: Callable[[], bool] = lambda: False,
+) -> dict[str, int]:
+    """Prune one model's table; return how many rows went per status.
+
+    ``stop`` is asked between batches, so a worker told to stop does not
+    first work through a large backlog.
+    """
+    mapper = inspect(model)
+    table = table_of(model)
+    counts = {s.value: 0 for s in FINISHED}
+    session = private_session(source)
+    try:
+        dialect = _dialect(session, model)
+        for status, where in _targets(table, ages):
+            while not stop():
+                try:
+                    conn = session.connection(bind_arguments={"mapper": mapper})
+                    deleted = dialect.delete_batch(conn, table, where, batch_size)
+                    # Commit each batch: locks last one batch, and work done stays done.
+                    session.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        session.rollback()
+                    raise
+                counts[status.value] += deleted
+                if deleted < batch_size:
+                    break
+    finally:
+        with contextlib.suppress(Exception):
+            session.close()
+    return counts
+
+
+def private_session(source: SessionSource) -> Session:
+    """A session of prune's own, also under Flask-SQLAlchemy: committing batches
+    must not commit, nor closing remove, the caller's ``db.session``."""
+    if source.scoped is not None:
+        session: Session = source.scoped.session_factory()
+        return session
+    return source.open()
+
+
+def table_of(model: type[BaseQueue]) -> Table:
+    table = inspect(model).local_table
+    assert isinstance(table, Table)
+    return table
+
+
+def _targets(
+    table: Table, ages: Mapping[Status, float | None]
+) -> list[tuple[Status, ColumnElement[bool]]]:
+    """The WHERE clauses of the rows to delete, per status with an age."""
+    c = table.c
+    targets: list[tuple[Status, ColumnElement[bool]]] = []
+    for status in FINISHED:
+        age = ages.get(status)
+        if age is None:
+            continue
+        cutoff = utc_now(-age)  # the database's clock, like every time alchq compares
+        finished = (c.status == status) & _in_finished_index(c.status)
+        # Two statements rather than one OR: each is a range on the
+        # (status, alchq_finished_at) index (NULLs are indexed too).
+        targets.append((status, finished & (c.alchq_finished_at < cutoff)))
+        targets.append(
+            (status, finished & c.alchq_finished_at.is_(None) & (c.time_updated < cutoff))
+        )
+    return targets
+
+
+def engine_of(session: Session, model: type[BaseQueue]) -> Engine:
+    bind = session.get_bind(mapper=inspect(model))
+    return bind if isinstance(bind, Engine) else bind.engine
+
+
+def _in_finished_index(status: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The finished-rows index's own predicate, ``status IN ('PROCESSED', ...)``.
+
+    SQLite uses a partial index only for a query that repeats its WHERE term,
+    with the same literals: parameters inside an IN list are not compared by
+    value (PostgreSQL infers it from ``status = ...`` alone).
+    """
+    values = [s.value for s in FINISHED]
+    return status.in_(bindparam("alchq_finished", values, expanding=True, literal_execute=True))
+
+
+def _dialect(session: Session, model: type[BaseQueue]) -> Dialect:
+    engine = engine_of(session, model)
+    dialect = dialect_for(engine)
+    if engine not in _prepared:
+        # SQLite: wait for the workers' write lock instead of failing at once.
+        dialect.prepare_engine(engine)
+        _prepared.add(engine)
+    return dialect
+
+
+def describe(
+    table_name: str, counts: Mapping[str, int], ages: Mapping[Status, float | None]
+) -> str:
+    """One line: ``pruned 120 PROCESSED, 3 ERROR, 0 CANCELLED from my_task``.
+
+    Statuses kept forever are named at the end instead of counted.
+    """
+    pruned = [f"{counts.get(s.value, 0)} {s.value}" for s in FINISHED if ages.get(s) is not None]
+    kept = [s.value for s in FINISHED if ages.get(s) is None]
+    line = f"pruned {', '.join(pruned) or 'nothing'} from {table_name}"
+    return line + (f" (kept: {', '.join(kept)})" if kept else "")
+
+
+def prune_periodically(
+    source: SessionSource,
+    models: list[type[BaseQueue]],
+    settings: Settings,
+    stop: Callable[[], bool],
+) -> None:
+    """A worker's periodic pruning: log what went, never raise.
+
+    Pruning is housekeeping: a database that is away, or a row that cannot be
+    deleted, must not keep the worker from its tasks. On the first failure it
+    logs one line and gives up until the next interval.
+    """
+    ages = resolve_ages(settings)
+    for model in models:
+        try:
+            counts = prune_model(source, model, ages, settings.prune_batch_size, stop)
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and _is_transient(source, model, exc):
+                logger.warning("pruning skipped, database unavailable: %s", first_line(exc))
+            else:
+                logger.error(
+                    "pruning %s failed: %s: %s", model.__name__, type(exc).__name__, first_line(exc)
+                )
+                logger.debug("pruning traceback", exc_info=True)
+            return
+        if any(counts.values()):
+            logger.info("%s", describe(table_of(model).name, counts, ages))
+
+
+def _is_transient(source: SessionSource, model: type[BaseQueue], exc: DBAPIError) -> bool:
+    with private_session(source) as session:
+        return _dialect(session, model).is_transient(exc)

@@ -1,0 +1,182 @@
+"""The periodic scheduler: a thread in each worker that creates periodic tasks.
+
+Each worker serving a model with ``alchq_periodic`` schedules runs one. At
+each tick, every scheduler tries to insert ``(schedule, tick)`` into the
+``alchq_ticks`` table, in the same transaction as the task; its primary key
+lets exactly one of them succeed, on however many machines. Ticks are
+computed on the database's clock. Only the latest due tick is ever
+considered, so ticks missed while no worker ran give one catch-up task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, delete, inspect, select
+from sqlalchemy.exc import DBAPIError
+
+from alchq._dialects import utc_now
+from alchq._util import first_line
+from alchq.model import BaseQueue, ticks_table
+from alchq.scheduling import Periodic
+
+if TYPE_CHECKING:
+    from alchq.worker import Worker
+
+logger = logging.getLogger("alchq.scheduler")
+
+
+def schedules(model: type[BaseQueue]) -> list[Periodic]:
+    declared = model.alchq_periodic
+    return [declared] if isinstance(declared, Periodic) else list(declared)
+
+
+class Scheduler:
+    """Creates the periodic tasks of a worker's models, from a thread of its own."""
+
+    def __init__(self, worker: Worker, models: Sequence[type[BaseQueue]]) -> None:
+        self.worker = worker
+        self.entries = [(m, p) for m in models for p in schedules(m)]
+        self._done: dict[str, datetime] = {}  # schedule key -> last tick handled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def start(self) -> None:
+        """One pass now (so a burst run sees due ticks), then the thread."""
+        if not self.entries or self._thread is not None:
+            return
+        self._stop.clear()
+        wait = self.check_safely()
+        self._thread = threading.Thread(
+            target=self._loop, args=(wait,), name="alchq-scheduler", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _loop(self, wait: float) -> None:
+        with self.worker._app_context():
+            while not self._stop.wait(wait):
+                wait = self.check_safely()
+
+    def check_safely(self) -> float:
+        """:meth:`check`, logging failures once per outage; seconds until the next check."""
+        try:
+            wait = self.check()
+        except Exception as exc:
+            transient = isinstance(exc, DBAPIError) and any(
+                d.is_transient(exc) for d in self.worker._dialects.values()
+            )
+            if not self._failing:
+                log = logger.warning if transient else logger.error
+                log("periodic scheduler: %s; retrying", first_line(exc))
+                logger.debug("scheduler traceback", exc_info=True)
+            self._failing = True
+            return min(self.worker.settings.max_backoff, 1.0)
+        if self._failing:
+            logger.info("periodic scheduler: working again")
+        self._failing = False
+        return wait
+
+    def check(self) -> float:
+        """Create the task of each schedule's latest due tick unless done; return the
+        seconds until the next tick."""
+        wait = 60.0
+        source = self.worker.source
+        session = source.open()
+        try:
+            now_by_engine: dict[Any, datetime] = {}
+            for model, periodic in self.entries:
+                mapper = inspect(model)
+                table = mapper.local_table
+                assert isinstance(table, Table)
+                engine = self.worker._engine(session, mapper)
+                self.worker._dialect(engine)  # connect-time settings, error classification
+                now = now_by_engine.get(engine)
+                if now is None:
+                    conn = self.worker._connection(session, mapper)
+                    raw = conn.execute(select(utc_now())).scalar_one()
+                    session.rollback()
+                    now = now_by_engine[engine] = _aware(raw)
+                key = periodic.key(table.name)
+                tick = periodic.last_tick(now)
+                if self._done.get(key) != tick:
+                    late = (now - tick).total_seconds()
+                    if periodic.catch_up or late <= periodic.late_after:
+                        self._create(session, model, periodic, key, tick)
+                    else:
+                        logger.info(
+                            "%s: skipped tick %s of %r (%.0fs late, catch_up=False)",
+                            model.__name__,
+                            tick.isoformat(),
+                            periodic.spec,
+                            late,
+                        )
+                    self._done[key] = tick
+                wait = min(wait, (periodic.next_tick(now) - now).total_seconds())
+        finally:
+            with contextlib.suppress(Exception):
+                source.release(session)
+        return max(0.01, wait + 0.005)
+
+    def _create(
+        self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
+    ) -> None:
+        mapper = inspect(model)
+        table = mapper.local_table
+        assert isinstance(table, Table)
+        ticks = ticks_table(table.metadata)
+        engine = self.worker._engine(session, mapper)
+        dialect = self.worker._dialect(engine)
+        try:
+            conn = self.worker._connection(session, mapper)
+            won = conn.execute(
+                dialect.insert_unless_conflict(
+                    ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
+                )
+            ).rowcount
+            if won != 1:
+                session.rollback()  # another worker created this tick's task
+                return
+            task = model(**periodic.values)
+            session.add(task)
+            session.flush()
+            # Only the latest tick of a schedule is ever looked up.
+            conn.execute(delete(ticks).where(ticks.c.schedule == key, ticks.c.tick < tick))
+            ident = inspect(task).identity
+            session.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            raise
+        label = ident[0] if ident is not None and len(ident) == 1 else ident
+        logger.info(
+            "%s %s created by schedule %r for %s",
+            model.__name__,
+            label,
+            periodic.spec,
+            tick.isoformat(),
+            extra={"alchq_model": model.__name__, "alchq_schedule": key},
+        )
+
+
+def _aware(value: Any) -> datetime:
+    """The database's now as an aware UTC datetime (SQLite returns text)."""
+    when = datetime.fromisoformat(value[:26]) if isinstance(value, str) else value
+    assert isinstance(when, datetime)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
