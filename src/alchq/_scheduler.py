@@ -143,12 +143,12 @@ class Scheduler:
         dialect = self.worker._dialect(engine)
         try:
             conn = self.worker._connection(session, mapper)
-            won = conn.execute(
-                dialect.insert_unless_conflict(
-                    ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
-                )
-            ).rowcount
-            if won != 1:
+            insert = dialect.insert_unless_conflict(
+                ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
+            )
+            # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT inserts.
+            won = conn.execute(insert.returning(ticks.c.schedule)).first() is not None
+            if not won:
                 session.rollback()  # another worker created this tick's task
                 return
             task = model(**periodic.values)
