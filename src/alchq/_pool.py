@@ -52,8 +52,9 @@ CHILD_ENV = "ALCHQ_POOL_CHILD"
 #: Set in a child: the supervisor's pid, to notice when it is gone.
 SUPERVISOR_ENV = "ALCHQ_SUPERVISOR_PID"
 
-#: A worker that ends within this many seconds of starting died "quickly"...
-QUICK_DEATH = 5.0
+#: A worker that ends within this many seconds of starting died "quickly" (a
+#: child needs a few seconds to import on a busy machine)...
+QUICK_DEATH = 10.0
 #: ...and after this many quick deaths in a row the pool gives up.
 MAX_QUICK_DEATHS = 5
 #: How often the supervisor looks at its workers (seconds).
@@ -171,7 +172,7 @@ def _watch_supervisor(worker: Worker) -> None:
 
     def watch() -> None:
         # Orphans are adopted by another process: the parent pid changes.
-        while os.getppid() == supervisor:
+        while True:
             time.sleep(0.5)
         logger.warning("the supervisor (pid %d) is gone; stopping", supervisor)
         _stop_gracefully(worker)
@@ -191,10 +192,10 @@ class _Member(Protocol):
         """The exit status once ended (negative: killed by that signal), else None."""
 
     def how(self, status: int) -> str:
-        """How it ended, for a log line."""
+        """How it ended, for a log line: ``killed by SIGKILL``, ``exit status 3``..."""
 
-    def stop(self, now: bool) -> None:
-        """Pass on a stop request: the first, or a later one (stop now)."""
+    def stop(self, now: bool, why: str) -> None:
+        """Pass on a stop request: the first, or a later one (stop now, because ``why``)."""
 
 
 def _signal_name(number: int) -> str:
@@ -225,10 +226,10 @@ class _Process:
 
     def how(self, status: int) -> str:
         if status < 0:
-            return f"died (killed by {_signal_name(-status)})"
-        return "stopped" if status == 0 else f"died (exit status {status})"
+            return f"killed by {_signal_name(-status)}"
+        return f"exit status {status}"
 
-    def stop(self, now: bool) -> None:
+    def stop(self, now: bool, why: str) -> None:
         # send_signal() does nothing once the child was reaped (no pid reuse).
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
@@ -251,8 +252,8 @@ class _Thread:
         self._thread = threading.Thread(
             target=self._main, name=f"alchq-worker-{index}", daemon=True
         )
-        self._thread.start()
         logger.info("%s started", self.name)
+        self._thread.start()
 
     def _main(self) -> None:
         try:
@@ -278,17 +279,17 @@ class _Thread:
 
     def how(self, status: int) -> str:
         if self._error is not None:
-            return f"died ({type(self._error).__name__}: {first_line(self._error)})"
-        return "stopped" if status == 0 else f"died (exit status {status})"
+            return f"{type(self._error).__name__}: {first_line(self._error)}"
+        return f"exit status {status}"
 
-    def stop(self, now: bool) -> None:
+    def stop(self, now: bool, why: str) -> None:
         with self._lock:
             self._stops += 1
             worker = self._worker
         if worker is None:
             return
         if now:
-            _stop_now(worker, "stopped again")
+            _stop_now(worker, why)
         else:
             self._timers.append(_stop_gracefully(worker))
 
@@ -322,7 +323,7 @@ class _Supervisor:
                 # Only after an unexpected error: don't leave workers behind.
                 for member in members.values():
                     if member.poll() is None:
-                        member.stop(now=False)
+                        member.stop(False, "the supervisor failed")
 
     def _supervise(self, members: dict[int, _Member]) -> int:
         for index in range(1, self.size + 1):
@@ -345,12 +346,13 @@ class _Supervisor:
                 final[index] = 0 if clean else status
                 if self.stopping or (clean and not self.forever):
                     if not clean:
-                        logger.warning("%s %s", member.name, member.how(status))
+                        logger.warning("%s ended (%s)", member.name, member.how(status))
                     continue
+                ended = f"died ({member.how(status)})" if status else "stopped"
                 quick = quick + 1 if now - member.started < QUICK_DEATH else 0
                 if quick >= MAX_QUICK_DEATHS:
                     failure = (
-                        f"{member.name} {member.how(status)}; {quick} {self.kind} in a row "
+                        f"{member.name} {ended}; {quick} {self.kind} in a row "
                         f"ended within {QUICK_DEATH:g}s of starting: giving up"
                     )
                     self._requests.append("giving up")
@@ -358,9 +360,7 @@ class _Supervisor:
                 # Back off while they keep dying: 0, 1, 2, 4 s...
                 delay = 0.0 if quick <= 1 else float(2 ** (quick - 2))
                 later = f" in {delay:g}s" if delay else ""
-                logger.warning(
-                    "%s %s; starting a new one%s", member.name, member.how(status), later
-                )
+                logger.warning("%s %s; starting a new one%s", member.name, ended, later)
                 due[index] = now + delay
             if self.stopping:
                 due.clear()
@@ -384,10 +384,13 @@ class _Supervisor:
                 logger.warning("%s again: stopping the %s now", why, self.kind)
             else:
                 logger.info(
-                    "%s: stopping %d worker %s (again to stop now)", why, len(members), self.kind
+                    "%s: stopping the worker %s (%d running; again to stop now)",
+                    why,
+                    self.kind,
+                    len(members),
                 )
             for member in members.values():
-                member.stop(now)
+                member.stop(now, f"{why} again")
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, delete, inspect, select
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from alchq.worker import Worker
 
 logger = logging.getLogger("alchq.scheduler")
+
+#: How long a schedule's past ticks stay in ``alchq_ticks``.
+TICKS_KEPT = timedelta(hours=1)
 
 
 def schedules(model: type[BaseQueue]) -> list[Periodic]:
@@ -46,6 +49,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._refused: set[str] = set()  # schedule keys whose task the database refuses
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -116,7 +120,11 @@ class Scheduler:
                 if self._done.get(key) != tick:
                     late = (now - tick).total_seconds()
                     if periodic.catch_up or late <= periodic.late_after:
-                        self._create(session, model, periodic, key, tick)
+                        if not self._create_or_report(session, model, periodic, key, tick):
+                            # Not marked done: tried again at the next check,
+                            # without holding up the other schedules.
+                            wait = min(wait, (periodic.next_tick(now) - now).total_seconds())
+                            continue
                     else:
                         logger.info(
                             "%s: skipped tick %s of %r (%.0fs late, catch_up=False)",
@@ -131,6 +139,33 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 source.release(session)
         return max(0.01, wait + 0.005)
+
+    def _create_or_report(
+        self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
+    ) -> bool:
+        """:meth:`_create`; False, logged once per schedule, if the database refuses it
+        (a constraint, a missing table). An outage is raised: check_safely waits it out."""
+        try:
+            self._create(session, model, periodic, key, tick)
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and any(
+                d.is_transient(exc) for d in self.worker._dialects.values()
+            ):
+                raise
+            if key not in self._refused:
+                self._refused.add(key)
+                logger.error(
+                    "%s: schedule %r cannot create its task: %s; retrying",
+                    model.__name__,
+                    periodic.spec,
+                    first_line(exc),
+                )
+                logger.debug("scheduler traceback", exc_info=True)
+            return False
+        if key in self._refused:
+            self._refused.discard(key)
+            logger.info("%s: schedule %r creates tasks again", model.__name__, periodic.spec)
+        return True
 
     def _create(
         self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
@@ -148,14 +183,23 @@ class Scheduler:
             )
             # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT inserts.
             won = conn.execute(insert.returning(ticks.c.schedule)).first() is not None
+            if won:
+                # A scheduler that read the clock before a later tick can get here
+                # after another one created that later tick's task and deleted this
+                # tick's row (below): then this tick's task may exist already.
+                later = select(ticks.c.tick).where(ticks.c.schedule == key, ticks.c.tick > tick)
+                won = conn.execute(later.limit(1)).first() is None
             if not won:
-                session.rollback()  # another worker created this tick's task
+                session.rollback()  # another worker created this (or a later) tick's task
                 return
             task = model(**periodic.values)
             session.add(task)
             session.flush()
-            # Only the latest tick of a schedule is ever looked up.
-            conn.execute(delete(ticks).where(ticks.c.schedule == key, ticks.c.tick < tick))
+            # Old ticks go, but only an hour behind: a scheduler that read the
+            # clock long ago and inserts a stale tick late then still conflicts
+            # with that tick's row (or sees the later ones above).
+            stale = tick - TICKS_KEPT
+            conn.execute(delete(ticks).where(ticks.c.schedule == key, ticks.c.tick < stale))
             ident = inspect(task).identity
             session.commit()
         except BaseException:

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", metavar="AGE", help="age for all three statuses")
     for status in ("processed", "error", "cancelled"):
         prune.add_argument(
-            f"--{status}", metavar="AGE", help=f"age for {status.upper()} tasks (wins)"
+            f"--{status}", metavar="AGE", help=f"age for {status.upper()} tasks, over --older-than"
         )
     prune.add_argument(
         "--batch-size", type=int, metavar="N", help="rows deleted per transaction (default 1000)"

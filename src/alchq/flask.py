@@ -139,9 +139,9 @@ def create_tables_command(models: tuple[str, ...]) -> None:
 @cli.command("prune")
 @click.argument("models", nargs=-1, required=True, metavar="MODULE:CLASS...")
 @click.option("--older-than", metavar="AGE", help="Age for all three statuses.")
-@click.option("--processed", metavar="AGE", help="Age for PROCESSED tasks (wins).")
-@click.option("--error", metavar="AGE", help="Age for ERROR tasks (wins).")
-@click.option("--cancelled", metavar="AGE", help="Age for CANCELLED tasks (wins).")
+@click.option("--processed", metavar="AGE", help="Age for PROCESSED tasks, over --older-than.")
+@click.option("--error", metavar="AGE", help="Age for ERROR tasks, over --older-than.")
+@click.option("--cancelled", metavar="AGE", help="Age for CANCELLED tasks, over --older-than.")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), metavar="N", help="Rows deleted per transaction."
 )

@@ -316,7 +316,8 @@ class BaseQueue:
         assert isinstance(table, Table)
         c = table.c
         ident = inspect(self).identity
-        assert ident is not None
+        if ident is None:  # transient, and not added to ``session``
+            raise CancelError(f"{self!r} was never saved: add it to the session first")
         match = [col == v for col, v in zip(mapper.primary_key, ident, strict=True)]
         conn = session.connection(bind_arguments={"mapper": mapper})
         done = conn.execute(
@@ -338,7 +339,8 @@ class BaseQueue:
                     f"{what}: only a PENDING task can be cancelled"
                 )
         set_committed_value(self, "status", Status.CANCELLED)
-        session.expire(self, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
+        if self in session:  # a task of another session (or detached) cannot be expired here
+            session.expire(self, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
 
     def run(self) -> None:
         """Do the task. Override this; the worker calls it once per claim."""

@@ -151,7 +151,7 @@ class Periodic:
             raise ConfigurationError(f"Periodic: invalid cron expression {self.cron!r}")
         if self.every is not None:
             seconds = _seconds(self.every, "Periodic every")
-            if seconds <= 0:
+            if timedelta(seconds=seconds) <= timedelta(0):  # also below 1 µs
                 raise ConfigurationError("Periodic every must be more than 0 seconds")
             object.__setattr__(self, "every", seconds)
         try:
@@ -178,10 +178,11 @@ class Periodic:
     def last_tick(self, now: datetime) -> datetime:
         """The latest tick at or before ``now`` (aware, UTC)."""
         if self.every is not None:
-            step = float(self.every)  # type: ignore[arg-type]  # seconds after __post_init__
+            # Whole microseconds (timedelta arithmetic), not float seconds: with
+            # every=0.1, float division put a tick at the previous step.
+            step = timedelta(seconds=float(self.every))  # type: ignore[arg-type]
             epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-            n = int((now - epoch).total_seconds() // step)
-            return epoch + timedelta(seconds=n * step)
+            return epoch + (now - epoch) // step * step
         local = now.astimezone(zoneinfo.ZoneInfo(self.timezone))
         # +1 µs: croniter's get_prev is strictly before its start.
         prev: datetime = croniter(str(self.cron), local + timedelta(microseconds=1)).get_prev(
@@ -192,8 +193,8 @@ class Periodic:
     def next_tick(self, now: datetime) -> datetime:
         """The first tick after ``now`` (aware, UTC)."""
         if self.every is not None:
-            step = float(self.every)  # type: ignore[arg-type]
-            return self.last_tick(now) + timedelta(seconds=step)
+            step = timedelta(seconds=float(self.every))  # type: ignore[arg-type]
+            return self.last_tick(now) + step
         local = now.astimezone(zoneinfo.ZoneInfo(self.timezone))
         nxt: datetime = croniter(str(self.cron), local).get_next(datetime)
         return nxt.astimezone(timezone.utc)

@@ -935,7 +935,8 @@ class Worker:
             return
         if ok and outcome is not None:
             self._log_end(hand, outcome.status, f"{type(outcome.exc).__name__}: {outcome.exc}")
-            if call_error and outcome.exc is not None:
+            # A retried outcome (PENDING again) calls no error(): only the last failure does.
+            if call_error and outcome.status is Status.ERROR and outcome.exc is not None:
                 self._error_in_new_session(hand, outcome.exc)
         elif ok:
             logger.info("%s released: back to PENDING", hand.label)
