@@ -95,6 +95,8 @@ def run_pool(
     With one worker (the default), and in a pool's child, this is exactly one
     plain worker.
     """
+    # The marker stays in the environment: a child that replaces itself
+    # (a task that could not be interrupted) must come back as a child.
     if os.environ.get(CHILD_ENV):
         run_worker(
             models, burst=burst, max_tasks=max_tasks, started=_watch_supervisor, **worker_kwargs
@@ -172,7 +174,7 @@ def _watch_supervisor(worker: Worker) -> None:
 
     def watch() -> None:
         # Orphans are adopted by another process: the parent pid changes.
-        while True:
+        while os.getppid() == supervisor:
             time.sleep(0.5)
         logger.warning("the supervisor (pid %d) is gone; stopping", supervisor)
         _stop_gracefully(worker)

@@ -55,6 +55,7 @@ from alchq._monitor import (
     replace_process,
     send_alarm,
 )
+from alchq._prune import prune_periodically
 from alchq._scheduler import Scheduler
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
@@ -229,6 +230,7 @@ class Worker:
         self._connected = False
         self._deferred: _Deferred | None = None
         self._next_rescue = 0.0
+        self._next_prune = 0.0
         self._grace_timer: threading.Timer | None = None
         self._app = self._current_app()
         self._monitor = Monitor(
@@ -970,11 +972,9 @@ class Worker:
         Logs and swallows its own failures: housekeeping must not stop the worker.
         """
         interval = self.settings.prune_interval
-        if interval is None or time.monotonic() < getattr(self, "_next_prune", 0.0):
+        if interval is None or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + interval
-        from alchq._prune import prune_periodically
-
         prune_periodically(self.source, self.models, self.settings, lambda: self.stopping)
 
     def _rescue(self, model: type[BaseQueue]) -> None:
