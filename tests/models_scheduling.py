@@ -138,6 +138,16 @@ class SchTask(BaseQueue):
         record_error(self, exc)
 
 
+class SchOrdered(BaseQueue):
+    """Only logs its run (in its own transaction): for order tests, with little to do."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(50))
+
+    def run(self) -> None:
+        record_run(self)
+
+
 class SchRetry(BaseQueue):
     """Three runs in all, waits of about 0.3 s then 0.6 s; every Exception retried.
 

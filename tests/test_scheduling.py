@@ -30,6 +30,7 @@ from alchq._dialects import utc_now
 from tests.conftest import ROOT, worker_env
 from tests.models_scheduling import (
     SchHard,
+    SchOrdered,
     SchRetry,
     SchRetryValue,
     SchSeedRetry,
@@ -60,7 +61,8 @@ MS = 0.002
 @pytest.fixture
 def tables(engine: Engine) -> Engine:
     """The engine, with this module's tables (only: each CREATE costs time)."""
-    models: list[Any] = [SchTask, SchRetry, SchRetryValue, SchSeedRetry, SchSnooze, SchHard]
+    models: list[Any] = [SchTask, SchOrdered, SchRetry, SchRetryValue, SchSeedRetry, SchSnooze]
+    models.append(SchHard)
     metadata.create_all(
         engine, tables=[m.__table__ for m in models] + [attempt_log, error_log, run_log]
     )
@@ -308,7 +310,7 @@ def test_tasks_run_by_priority_then_oldest_first(
     ids: list[int] = []
     with Session(tables) as s:
         for n, priority in enumerate(priorities):  # random priorities, in this known order
-            task = SchTask(label=f"{priority}/{n}", priority=priority)
+            task = SchOrdered(label=f"{priority}/{n}", priority=priority)
             s.add(task)
             s.flush()  # one INSERT each: time_created and id grow in this order
             ids.append(task.id)
@@ -317,11 +319,11 @@ def test_tasks_run_by_priority_then_oldest_first(
     assert expected != ids  # the order of creation alone would not pass
 
     if runner == "in-process":
-        assert worker.process_all(SchTask, engine=tables) == 100
+        assert worker.process_all(SchOrdered, engine=tables) == 100
     else:
-        wp = spawn_worker("SchTask", db_url, "--burst")
+        wp = spawn_worker("SchOrdered", db_url, "--burst")
         assert wp.wait(timeout=90) == 0, wp.output
-    assert runs_of(tables, SchTask) == expected
+    assert runs_of(tables, SchOrdered) == expected
 
 
 def test_priority_ties_go_to_the_oldest_then_the_lowest_id(tables: Engine) -> None:
@@ -337,10 +339,10 @@ def test_priority_ties_go_to_the_oldest_then_the_lowest_id(tables: Engine) -> No
     now = db_now(tables)
     with Session(tables) as s:
         for pk, priority, ago in spec:
-            s.add(SchTask(id=pk, priority=priority, time_created=now - timedelta(seconds=ago)))
+            s.add(SchOrdered(id=pk, priority=priority, time_created=now - timedelta(seconds=ago)))
         s.commit()
-    assert worker.process_all(SchTask, engine=tables) == 5
-    assert runs_of(tables, SchTask) == [2, 5, 3, 4, 1]
+    assert worker.process_all(SchOrdered, engine=tables) == 5
+    assert runs_of(tables, SchOrdered) == [2, 5, 3, 4, 1]
 
 
 # -- retry policies ---------------------------------------------------------------
