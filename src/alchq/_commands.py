@@ -16,7 +16,7 @@ from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError, DatabaseError, TableMissingError
-from alchq.model import BaseQueue, Status
+from alchq.model import BaseQueue, Status, ticks_table
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -103,6 +103,11 @@ def _burst_limit(worker: Worker, limit: int) -> int:
 def create_tables(models: Sequence[type[BaseQueue]], engine: Engine) -> list[str]:
     """Create the tables (and indexes) of ``models`` that do not exist yet."""
     tables = [m.__table__ for m in models]  # type: ignore[attr-defined]
+    for model in models:
+        if model.alchq_periodic:  # the scheduler's table comes with the model
+            ticks = ticks_table(model.__table__.metadata)  # type: ignore[attr-defined]
+            if ticks not in tables:
+                tables.append(ticks)
     by_metadata: dict[int, list[Any]] = {}
     for table in tables:
         by_metadata.setdefault(id(table.metadata), []).append(table)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -98,23 +99,28 @@ class Scheduler:
     def check(self) -> float:
         """Create the task of each schedule's latest due tick unless done; return the
         seconds until the next tick."""
-        wait = 60.0
+        # When to check next, on time.monotonic(): counted from when the database's
+        # clock was read, so a slow check (a lock wait, a busy CPU) does not push
+        # the next check past the next tick as well.
+        deadline = time.monotonic() + 60.0
         source = self.worker.source
         session = source.open()
         try:
-            now_by_engine: dict[Any, datetime] = {}
+            now_by_engine: dict[Any, tuple[datetime, float]] = {}
             for model, periodic in self.entries:
                 mapper = inspect(model)
                 table = mapper.local_table
                 assert isinstance(table, Table)
                 engine = self.worker._engine(session, mapper)
                 self.worker._dialect(engine)  # connect-time settings, error classification
-                now = now_by_engine.get(engine)
-                if now is None:
+                cached = now_by_engine.get(engine)
+                if cached is None:
                     conn = self.worker._connection(session, mapper)
                     raw = conn.execute(select(utc_now())).scalar_one()
+                    cached = now_by_engine[engine] = (_aware(raw), time.monotonic())
                     session.rollback()
-                    now = now_by_engine[engine] = _aware(raw)
+                now, read_at = cached
+                until_next = read_at + (periodic.next_tick(now) - now).total_seconds()
                 key = periodic.key(table.name)
                 tick = periodic.last_tick(now)
                 if self._done.get(key) != tick:
@@ -123,7 +129,7 @@ class Scheduler:
                         if not self._create_or_report(session, model, periodic, key, tick):
                             # Not marked done: tried again at the next check,
                             # without holding up the other schedules.
-                            wait = min(wait, (periodic.next_tick(now) - now).total_seconds())
+                            deadline = min(deadline, until_next)
                             continue
                     else:
                         logger.info(
@@ -134,11 +140,11 @@ class Scheduler:
                             late,
                         )
                     self._done[key] = tick
-                wait = min(wait, (periodic.next_tick(now) - now).total_seconds())
+                deadline = min(deadline, until_next)
         finally:
             with contextlib.suppress(Exception):
                 source.release(session)
-        return max(0.01, wait + 0.005)
+        return max(0.01, deadline - time.monotonic() + 0.005)
 
     def _create_or_report(
         self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
