@@ -255,12 +255,26 @@ def _check_one_task_per_tick(
     seconds = int((last - first).total_seconds()) + 1
     expected = {first + n * SECOND for n in range(seconds)}
     missing = sorted(expected - set(all_ticks))
-    assert not missing, f"{db}: {len(missing)} ticks have no task: {missing[:10]}"
+    lateness = [(as_utc(r.time_created) - tick_of[r.id]).total_seconds() for r in tasks]
+    if missing:
+        # How late the tasks around each missing tick were created, for the report.
+        lag_at = {tick_of[r.id]: lag for r, lag in zip(tasks, lateness, strict=True)}
+        around = [
+            ", ".join(
+                f"{t:%H:%M:%S} +{lag_at[t]:.2f}s"
+                for t in sorted(lag_at)
+                if abs(t - m) <= 3 * SECOND
+            )
+            for m in missing[:5]
+        ]
+        raise AssertionError(
+            f"{db}: {len(missing)} ticks have no task: {missing[:10]}; "
+            f"tasks around them (tick +lateness): {around}"
+        )
     assert len(tasks) == seconds
     assert seconds > HEADLINE_SPAN, f"{db}: only {seconds} ticks"
 
     # No task before its tick (ticks are computed on the database's clock).
-    lateness = [(as_utc(r.time_created) - tick_of[r.id]).total_seconds() for r in tasks]
     early = [(r.id, lag) for r, lag in zip(tasks, lateness, strict=True) if lag < 0]
     assert not early, f"{db}: tasks created before their tick: {early[:10]}"
 
@@ -414,6 +428,28 @@ def test_a_late_scheduler_cannot_create_a_tick_older_than_one_already_created(
     check(b, 7200.5)  # up to date: base+2h is taken
 
     assert task_ticks(tables, PqLaggard) == [base, base + SECOND, base + timedelta(hours=2)]
+
+
+def test_a_slow_check_does_not_make_the_next_tick_late(
+    tables: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait until the next tick counts from when the database's clock was read,
+    not from when the check ended: a check held up for 0.7 s (a lock, a busy CPU)
+    just after a tick of a per-second schedule must not sleep another whole second,
+    or the next tick would be missed."""
+    base = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    monkeypatch.setattr(alchq._scheduler, "_aware", lambda raw: base + timedelta(seconds=0.005))
+    scheduler = Worker(PqLaggard, engine=tables)._scheduler
+    create = scheduler._create
+
+    def slow_create(*args: Any) -> None:
+        time.sleep(0.7)
+        create(*args)
+
+    monkeypatch.setattr(scheduler, "_create", slow_create)
+    wait = scheduler.check()
+    assert task_ticks(tables, PqLaggard) == [base]
+    assert wait < 0.6, f"sleeps {wait:.2f}s after a 0.7s check: the next tick comes after 0.3s"
 
 
 # -- 3. several schedules, names, every=, time zones -----------------------------------

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, Row, delete, func, select, type_coerce, update
+from sqlalchemy import Engine, Row, delete, func, inspect, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 import alchq
@@ -60,12 +60,11 @@ MS = 0.002
 
 @pytest.fixture
 def tables(engine: Engine) -> Engine:
-    """The engine, with this module's tables (only: each CREATE costs time)."""
-    models: list[Any] = [SchTask, SchOrdered, SchRetry, SchRetryValue, SchSeedRetry, SchSnooze]
-    models.append(SchHard)
-    metadata.create_all(
-        engine, tables=[m.__table__ for m in models] + [attempt_log, error_log, run_log]
-    )
+    """The engine, with the tables of tests/models_scheduling.py (only those: each
+    CREATE costs time)."""
+    models = (SchTask, SchOrdered, SchRetry, SchRetryValue, SchSeedRetry, SchSnooze, SchHard)
+    task_tables: list[Any] = [inspect(m).local_table for m in models]
+    metadata.create_all(engine, tables=[*task_tables, attempt_log, error_log, run_log])
     return engine
 
 

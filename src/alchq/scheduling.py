@@ -35,10 +35,22 @@ from alchq.exceptions import ConfigurationError
 __all__ = ["Periodic", "Retry", "Snooze"]
 
 
+#: Longest delay alchq accepts (about ten years): far-future times overflow
+#: some databases' date types (SQLite's strftime gives NULL past year 9999).
+MAX_DELAY = 10 * 366 * 86400.0
+
+
 def _seconds(value: float | timedelta, name: str) -> float:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
-        raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not 0 <= seconds <= MAX_DELAY  # also refuses NaN
+    ):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds from 0 to {MAX_DELAY:.0f} "
+            f"(about ten years), got {value!r}"
+        )
     return float(seconds)
 
 
