@@ -430,7 +430,8 @@ def ticks_table(metadata: MetaData) -> Table:
     Its primary key (schedule, tick) is what makes a tick create exactly one
     task, however many schedulers run.
     """
-    existing = metadata.tables.get("alchq_ticks")
+    key = f"{metadata.schema}.alchq_ticks" if metadata.schema else "alchq_ticks"
+    existing = metadata.tables.get(key)
     if existing is not None:
         return existing
     return Table(
