@@ -28,12 +28,16 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(BIN)/mypy src tests benchmarks
 
+# Two pytest workers, one test file each at a time (a file's tests share their
+# servers and models); most tests wait on worker processes, not the CPU.
+XDIST ?= -n 2 --dist loadfile
+
 # The 3-minute periodic-scheduler test mostly waits for ticks: it runs alongside
 # the rest of the suite (its own pytest, its own PostgreSQL) to keep CI short.
 test: lint typecheck
 	@$(BIN)/python -m pytest -m "periodic3m and not slow" -p no:cacheprovider -q \
 		> .periodic-test.log 2>&1 & bg=$$!; \
-	$(BIN)/python -m pytest -m "not slow and not periodic3m" $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -m "not slow and not periodic3m" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	wait $$bg; bgrc=$$?; \
 	echo "--- the periodic-scheduler test, run alongside (exit $$bgrc) ---"; \
 	tail -n 40 .periodic-test.log; \
