@@ -430,6 +430,31 @@ def test_a_late_scheduler_cannot_create_a_tick_older_than_one_already_created(
     assert task_ticks(tables, PqLaggard) == [base, base + SECOND, base + timedelta(hours=2)]
 
 
+def test_a_stalled_scheduler_fills_in_the_ticks_it_slept_through(
+    tables: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running scheduler held up for a few ticks (a slow database, a busy machine)
+    still creates each of them; one frozen for longer than late_after creates only
+    the latest tick (one catch-up), like a scheduler that was not running."""
+    base = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    clock = {"now": base}
+    monkeypatch.setattr(alchq._scheduler, "_aware", lambda raw: clock["now"])
+    a = Worker(PqLaggard, engine=tables)._scheduler
+
+    def check(seconds: float) -> None:
+        clock["now"] = base + timedelta(seconds=seconds)
+        a.check()
+
+    check(0.2)  # tick base
+    check(3.4)  # stalled through base+1s and base+2s: both filled in, then base+3s
+    assert task_ticks(tables, PqLaggard) == [base + n * SECOND for n in range(4)]
+    check(600.3)  # frozen for ten minutes (> late_after): only the latest tick
+    assert task_ticks(tables, PqLaggard) == [
+        *(base + n * SECOND for n in range(4)),
+        base + 600 * SECOND,
+    ]
+
+
 def test_a_slow_check_does_not_make_the_next_tick_late(
     tables: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

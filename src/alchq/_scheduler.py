@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("alchq.scheduler")
 
+#: Most ticks a stalled scheduler fills in at once (see Scheduler._slept_through).
+MAX_FILLED = 10
 #: How long a schedule's past ticks stay in ``alchq_ticks``.
 TICKS_KEPT = timedelta(hours=1)
 
@@ -51,6 +53,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._failing = False
         self._refused: set[str] = set()  # schedule keys whose task the database refuses
+        self._checked_at: datetime | None = None  # database time of the last check
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -123,10 +126,15 @@ class Scheduler:
                 until_next = read_at + (periodic.next_tick(now) - now).total_seconds()
                 key = periodic.key(table.name)
                 tick = periodic.last_tick(now)
-                if self._done.get(key) != tick:
+                previous = self._done.get(key)
+                if previous != tick:
                     late = (now - tick).total_seconds()
                     if periodic.catch_up or late <= periodic.late_after:
-                        if not self._create_or_report(session, model, periodic, key, tick):
+                        slept = self._slept_through(periodic, previous, tick, now)
+                        if not all(
+                            self._create_or_report(session, model, periodic, key, t)
+                            for t in [*slept, tick]
+                        ):
                             # Not marked done: tried again at the next check,
                             # without holding up the other schedules.
                             deadline = min(deadline, until_next)
@@ -141,10 +149,33 @@ class Scheduler:
                         )
                     self._done[key] = tick
                 deadline = min(deadline, until_next)
+            if now_by_engine:
+                self._checked_at = min(now for now, _ in now_by_engine.values())
         finally:
             with contextlib.suppress(Exception):
                 source.release(session)
         return max(0.01, deadline - time.monotonic() + 0.005)
+
+    def _slept_through(
+        self, periodic: Periodic, previous: datetime | None, tick: datetime, now: datetime
+    ) -> list[datetime]:
+        """Ticks a running scheduler slept through (a slow database, a busy machine)
+        since the last one it handled: still created if at most ``late_after`` late,
+        and at most :data:`MAX_FILLED` of them. After a longer gap (no scheduler
+        ran, or this one was frozen) they collapse into the one catch-up task of
+        ``tick``."""
+        checked = self._checked_at
+        if previous is None or checked is None:
+            return []
+        if (now - checked).total_seconds() > periodic.late_after:
+            return []
+        earliest = now - timedelta(seconds=periodic.late_after)
+        t = periodic.next_tick(max(previous, earliest - timedelta(microseconds=1)))
+        slept: list[datetime] = []
+        while t < tick:
+            slept.append(t)
+            t = periodic.next_tick(t)
+        return slept[-MAX_FILLED:]
 
     def _create_or_report(
         self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
@@ -193,7 +224,11 @@ class Scheduler:
                 # A scheduler that read the clock before a later tick can get here
                 # after another one created that later tick's task and deleted this
                 # tick's row (below): then this tick's task may exist already.
-                later = select(ticks.c.tick).where(ticks.c.schedule == key, ticks.c.tick > tick)
+                # (Only a tick row far enough ahead for this one's to have been
+                # deleted counts: nearer ones are the ticks a stalled scheduler
+                # fills in after the fact.)
+                ahead = tick + TICKS_KEPT / 2
+                later = select(ticks.c.tick).where(ticks.c.schedule == key, ticks.c.tick > ahead)
                 won = conn.execute(later.limit(1)).first() is None
             if not won:
                 session.rollback()  # another worker created this (or a later) tick's task
