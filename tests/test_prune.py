@@ -28,6 +28,7 @@ from alchq._dialects import utc_now
 from alchq._dialects.base import Dialect
 from alchq.config import Settings
 from alchq.exceptions import ConfigurationError
+from alchq.model import FINISHED
 from alchq.worker import Worker
 from tests.conftest import ROOT, alchq_command
 from tests.flask_app import URL_VARIABLE
@@ -199,6 +200,15 @@ def test_prune_deletes_exactly_the_old_finished_rows(eng: Engine) -> None:
     assert ids(eng) == set(rows) - gone - oracle(rows, {Status.CANCELLED: 14 * DAY})
 
 
+def test_age_zero_prunes_every_finished_row_and_nothing_else(eng: Engine, db_url: str) -> None:
+    rows = add_every_kind(eng)
+    proc = ok(prune_cli("tests.tasks:CountTask", "--database-url", db_url, "--older-than", "0"))
+    finished = {k for k, (status, _, _) in rows.items() if status in FINISHED}
+    assert proc.stdout.startswith("pruned "), proc.stdout
+    assert ids(eng) == set(rows) - finished
+    assert len(ids(eng, Status.PENDING, Status.PROCESSING)) == 2 * 7
+
+
 def test_prune_ages_default_to_the_settings(eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PROCESSED", "ERROR", "CANCELLED"):
         monkeypatch.delenv(f"ALCHQ_PRUNE_{name}_AFTER", raising=False)
@@ -248,7 +258,7 @@ def test_small_batches_each_commit(eng: Engine, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"processed": 0},
+        {"processed": "0x"},
         {"error": -5},
         {"cancelled": "5x"},
         {"processed": "3 days"},
@@ -330,7 +340,7 @@ def test_settings_parse_prune_values() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("ALCHQ_PRUNE_PROCESSED_AFTER", "0"),  # ambiguous: refused, "never" says keep
+        ("ALCHQ_PRUNE_PROCESSED_AFTER", "-1"),
         ("ALCHQ_PRUNE_ERROR_AFTER", "-1d"),
         ("ALCHQ_PRUNE_CANCELLED_AFTER", "soon"),
         ("ALCHQ_PRUNE_INTERVAL", "-5"),
@@ -393,7 +403,7 @@ def test_flask_alchq_prune_command(eng: Engine, db_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--older-than", "3 days"), ("--processed", "0"), ("--cancelled", "-1h")],
+    [("--older-than", "3 days"), ("--processed", "1x"), ("--cancelled", "-1h")],
 )
 def test_bad_age_is_one_error_line(tmp_path: Path, option: str, value: str) -> None:
     url = f"sqlite:///{tmp_path / 'never-created.sqlite'}"

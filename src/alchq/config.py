@@ -131,23 +131,22 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3_600.0, "d": DAY, "w": 7 * DAY}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)
 #: Longer ages are surely typos; they would also overflow some databases' intervals.
 _MAX_AGE = 100 * 365 * DAY
-AGE_HELP = "a positive age such as 90s, 15m, 12h, 7d, 2w or 3600 (seconds), or never"
+AGE_HELP = "an age such as 90s, 15m, 12h, 7d, 2w or 3600 (seconds), 0 (all), or never"
 
 
 def parse_age(value: object, name: str = "age") -> float | None:
     """A prune age in seconds, or None for "never" (keep forever).
 
     Accepts a ``timedelta``, a number of seconds, or text: ``90s``, ``15m``,
-    ``12h``, ``7d``, ``2w``, ``3600`` or ``never``. Zero is refused rather
-    than given a meaning: "prune everything" and "prune nothing" are both
-    plausible readings of it, and guessing wrong loses data.
+    ``12h``, ``7d``, ``2w``, ``3600`` or ``never``. ``0`` means every
+    finished task, whatever its age ("older than 0 seconds"); ``never`` keeps them.
     """
     if value is None:
         return None
     if isinstance(value, str) and value.strip().lower() == "never":
         return None
     seconds = _seconds(value)
-    if seconds is None or not 0 < seconds <= _MAX_AGE:
+    if seconds is None or not 0 <= seconds <= _MAX_AGE:
         raise ConfigurationError(f"{name} must be {AGE_HELP}; got {value!r}")
     return seconds
 
