@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -121,6 +121,8 @@ class Dialect:
     returning: ClassVar[bool] = False
     #: partial (filtered) indexes
     partial_index: ClassVar[bool] = False
+    #: the dialect's ``insert()`` with ``on_conflict_do_nothing`` (PostgreSQL, SQLite)
+    on_conflict_insert: ClassVar[Callable[..., Any] | None] = None
 
     def prepare_engine(self, engine: Engine) -> None:
         """Adjust a worker's engine once, before its first claim."""
@@ -244,7 +246,16 @@ class Dialect:
         Waits for a concurrent transaction inserting the same key to end, so
         exactly one of two racing inserts goes in. The caller adds RETURNING.
         """
-        raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
+        if self.on_conflict_insert is None:
+            raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
+        # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
+        # unique index, so a conflict on any other constraint still fails.
+        stmt: Insert = (
+            self.on_conflict_insert(table)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=list(index_elements), index_where=index_where)
+        )
+        return stmt
 
     def delete_batch(
         self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Table
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.sql.dml import Insert
 
 from alchq._dialects.base import Dialect, on_connect, register
 
@@ -58,6 +57,7 @@ _BUSY_MESSAGES = (
 @register
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
+    on_conflict_insert = staticmethod(insert)
     # SKIP LOCKED lets any number of workers pick different rows without
     # waiting on each other; RETURNING makes the claim one round trip.
     skip_locked = True
@@ -77,18 +77,3 @@ class PostgreSQLDialect(Dialect):
         # SET LOCAL ends with the transaction: the pooled connection is unchanged.
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
         yield
-
-    def insert_unless_conflict(
-        self,
-        table: Table,
-        values: dict[str, Any],
-        index_elements: Sequence[ColumnElement[Any]],
-        index_where: ColumnElement[bool] | None = None,
-    ) -> Insert:
-        # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
-        # unique index, so a conflict on any other constraint still fails.
-        return (
-            insert(table)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=list(index_elements), index_where=index_where)
-        )

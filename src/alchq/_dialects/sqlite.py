@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Table
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.sql.dml import Insert
 
 from alchq._dialects.base import Dialect, on_connect, register
 from alchq._util import first_line
@@ -40,6 +39,7 @@ _TRANSIENT_MESSAGES = (
 @register
 class SQLiteDialect(Dialect):
     name = "sqlite"
+    on_conflict_insert = staticmethod(insert)
     # SQLite has one writer at a time and no row locks: an UPDATE takes the
     # database's write lock before it reads, so a single-statement claim is
     # atomic across processes without SKIP LOCKED.
@@ -82,18 +82,3 @@ class SQLiteDialect(Dialect):
         except Exception as exc:
             # A locked or unopenable file: the claim will report what matters.
             logger.debug("could not switch SQLite database to WAL mode: %s", first_line(exc))
-
-    def insert_unless_conflict(
-        self,
-        table: Table,
-        values: dict[str, Any],
-        index_elements: Sequence[ColumnElement[Any]],
-        index_where: ColumnElement[bool] | None = None,
-    ) -> Insert:
-        # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
-        # unique index, so a conflict on any other constraint still fails.
-        return (
-            insert(table)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=list(index_elements), index_where=index_where)
-        )
