@@ -18,7 +18,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import insert
 from sqlalchemy.orm import object_session
 
-from alchq import BaseQueue
+from alchq import BaseQueue, Periodic
 from alchq.flask import Alchq
 from tests.tasks import run_log
 
@@ -40,6 +40,21 @@ class FlaskTask(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
             raise RuntimeError("the worker did not use the app's db.session")
         self.note = f"{current_app.name} pid={os.getpid()}"
         db.session.execute(insert(run_log).values(task_id=self.id, pid=os.getpid()))
+
+
+class FlaskPeriodic(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
+    """A periodic task of a Flask app: created by the scheduler thread, run in db.session."""
+
+    __tablename__ = "flask_periodic"
+    alchq_periodic = [Periodic(every=1, values={"note": "tick"})]
+
+    id = db.Column(db.Integer, primary_key=True)
+    note = db.Column(db.String(200))
+
+    def run(self) -> None:
+        if object_session(self) is not db.session():
+            raise RuntimeError("the worker did not use the app's db.session")
+        self.note = "ran"
 
 
 def _database_url() -> str:

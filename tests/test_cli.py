@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from alchq import Status, metadata
 from tests.conftest import ROOT, run_alchq, worker_env
-from tests.flask_app import URL_VARIABLE, FlaskTask
+from tests.flask_app import URL_VARIABLE, FlaskPeriodic, FlaskTask
 from tests.tasks import CountTask, run_log
 
 count_table: Any = CountTask.__table__  # type: ignore[attr-defined]
@@ -495,6 +495,44 @@ def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> N
     assert [n.alchq_error_message for n in notes] == [None, None]
     assert all(n.note.startswith("tests.flask_app pid=") for n in notes)
     assert len(run_log_rows(engine)) == 2
+
+
+def test_flask_worker_creates_and_runs_periodic_tasks(engine: Engine, db_url: str) -> None:
+    proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskPeriodic"))
+    assert proc.stdout.strip() == "created (if missing): flask_periodic, alchq_ticks"
+    worker_proc = subprocess.Popen(
+        flask_command(
+            "tests.flask_app",
+            "alchq",
+            "run",
+            "tests.flask_app:FlaskPeriodic",
+            "--poll-interval",
+            "0.1",
+        ),
+        cwd=ROOT,
+        env=env(**{URL_VARIABLE: db_url}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    periodic = FlaskPeriodic.__table__
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if statuses(engine, periodic).get("PROCESSED", 0) >= 3:
+                break
+            time.sleep(0.2)
+    finally:
+        worker_proc.send_signal(signal.SIGTERM)
+        _out, err = worker_proc.communicate(timeout=60)
+    assert worker_proc.returncode == 0, err
+    found = statuses(engine, periodic)
+    # One task per tick (a second apart), each run in the app's db.session.
+    assert found.get("PROCESSED", 0) >= 3 and set(found) <= {"PROCESSED", "PENDING"}, (found, err)
+    assert err.count("created by schedule 'every 1s'") == sum(found.values()), err
+    with engine.connect() as conn:
+        notes = conn.execute(select(periodic.c.note).where(periodic.c.status == "PROCESSED"))
+        assert {n for (n,) in notes} == {"ran"}
 
 
 def test_flask_create_tables(engine: Engine, db_url: str) -> None:
