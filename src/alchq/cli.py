@@ -10,7 +10,7 @@
 
 The Flask commands (``flask alchq ...``) are in :mod:`alchq.flask` and use
 Click, as Flask does; this one uses argparse so that a plain
-``pip install alchq`` needs nothing but SQLAlchemy.
+``pip install alchq`` needs nothing but SQLAlchemy and croniter.
 """
 
 from __future__ import annotations
