@@ -63,6 +63,17 @@ class WkPlain(BaseQueue):
         self.note = "ran"
 
 
+class WkComposite(BaseQueue):
+    """A task whose primary key has two columns."""
+
+    tenant: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20), primary_key=True)
+    note: Mapped[str | None] = mapped_column(String(50))
+
+    def run(self) -> None:
+        self.note = "ran"
+
+
 class WkSpawn(BaseQueue):
     """Creates ``children`` more generations of itself; ``fail`` makes it raise.
 

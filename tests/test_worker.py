@@ -24,11 +24,13 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine, func, insert, inspect, select
 from sqlalchemy.orm import Session, object_session, scoped_session, sessionmaker
 
+import alchq
 from alchq import BaseQueue, NoDatabaseError, Status, metadata, worker
 from alchq.worker import Worker
 from tests import models_worker as mw
 from tests.conftest import ROOT, alchq_command, worker_env
 from tests.models_worker import (
+    WkComposite,
     WkDuplicate,
     WkFail,
     WkFlask,
@@ -708,3 +710,19 @@ def test_run_whose_changes_cannot_be_flushed_is_an_error(tables: Engine) -> None
     assert side_notes(tables, tid) == []
     # the worker's connection is usable afterwards
     assert processed_one(WkPlain, engine=tables).id == other
+
+
+def test_a_composite_primary_key_is_claimed_rescued_and_pruned(tables: Engine) -> None:
+    """(a, b) IN (SELECT a, b ...): the claim, the rescue and prune's batches once
+    selected the key as one tuple column, which the databases reject."""
+    add(tables, *(WkComposite(tenant=t, name=n) for t in (1, 2) for n in ("a", "b")))
+    assert worker.process_all(WkComposite, engine=tables) == 4
+    with Session(tables) as s:
+        assert {(t.tenant, t.name, t.status, t.note) for t in s.scalars(select(WkComposite))} == {
+            (t, n, Status.PROCESSED, "ran") for t in (1, 2) for n in ("a", "b")
+        }
+    assert alchq.prune(WkComposite, engine=tables, processed=0, batch_size=3) == {
+        "PROCESSED": 4,
+        "ERROR": 0,
+        "CANCELLED": 0,
+    }

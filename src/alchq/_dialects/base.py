@@ -191,10 +191,10 @@ class Dialect:
             # one claim would then take several tasks. MATERIALIZED forbids
             # inlining it back (the prefix renders only on PostgreSQL).
             picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
-            picked_key = tuple_(*picked.c) if len(pk_cols) > 1 else next(iter(picked.c))
+            # (a, b) IN (SELECT a, b ...): one column per key part, not one tuple.
             stmt = (
                 update(table)
-                .where(key.in_(select(picked_key)))
+                .where(key.in_(select(*picked.c)))
                 .where(ready)
                 .values(values)
                 .returning(*pk_cols, token)
@@ -278,8 +278,7 @@ class Dialect:
             # A materialized CTE, as in claim(): evaluated once, so SKIP LOCKED
             # cannot lock (and delete) more than ``limit`` rows.
             picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
-            picked_key = tuple_(*picked.c) if len(pk_cols) > 1 else next(iter(picked.c))
-            return conn.execute(delete(table).where(key.in_(select(picked_key)))).rowcount
+            return conn.execute(delete(table).where(key.in_(select(*picked.c)))).rowcount
         pks = [tuple(row) for row in conn.execute(pick).all()]
         if not pks:
             return 0
