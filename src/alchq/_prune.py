@@ -232,6 +232,7 @@ def prune_periodically(
     models: list[type[BaseQueue]],
     settings: Settings,
     stop: Callable[[], bool],
+    transient: Callable[[BaseException], bool],
 ) -> None:
     """A worker's periodic pruning: log what went, never raise.
 
@@ -244,7 +245,7 @@ def prune_periodically(
         try:
             counts = prune_model(source, model, ages, settings.prune_batch_size, stop)
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and _is_transient(source, model, exc):
+            if isinstance(exc, DBAPIError) and transient(exc):
                 logger.warning("pruning skipped, database unavailable: %s", first_line(exc))
             else:
                 logger.error(
@@ -254,8 +255,3 @@ def prune_periodically(
             return
         if any(counts.values()):
             logger.info("%s", describe(table_of(model).name, counts, ages))
-
-
-def _is_transient(source: SessionSource, model: type[BaseQueue], exc: DBAPIError) -> bool:
-    with private_session(source) as session:
-        return _dialect(session, model).is_transient(exc)

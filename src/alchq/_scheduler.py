@@ -85,9 +85,7 @@ class Scheduler:
         try:
             wait = self.check()
         except Exception as exc:
-            transient = isinstance(exc, DBAPIError) and any(
-                d.is_transient(exc) for d in self.worker._dialects.values()
-            )
+            transient = isinstance(exc, DBAPIError) and self.worker._transient(exc)
             if not self._failing:
                 log = logger.warning if transient else logger.error
                 log("periodic scheduler: %s; retrying", first_line(exc))
@@ -185,9 +183,7 @@ class Scheduler:
         try:
             self._create(session, model, periodic, key, tick)
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and any(
-                d.is_transient(exc) for d in self.worker._dialects.values()
-            ):
+            if isinstance(exc, DBAPIError) and self.worker._transient(exc):
                 raise
             if key not in self._refused:
                 self._refused.add(key)

@@ -16,10 +16,13 @@ Click, as Flask does; this one uses argparse so that a plain
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from sqlalchemy import Engine
 
 from alchq import __version__
 from alchq._commands import (
@@ -32,6 +35,7 @@ from alchq._commands import (
 )
 from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
 from alchq.exceptions import AlchqError
+from alchq.model import BaseQueue
 
 
 def _count(text: str) -> int:
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="delete finished tasks older than an age",
         description="Delete PROCESSED, ERROR and CANCELLED tasks older than an age, in "
-        "batches. AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, or never (keep them). "
+        "batches. AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, 0 (all), or never (keep them). "
         "Omitted ages come from the settings: ALCHQ_PRUNE_PROCESSED_AFTER (default 7d), "
         "ALCHQ_PRUNE_ERROR_AFTER (30d), ALCHQ_PRUNE_CANCELLED_AFTER (7d).",
     )
@@ -128,14 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _models_and_engine(
+    args: argparse.Namespace,
+) -> Iterator[tuple[list[type[BaseQueue]], Engine]]:
+    """The models named on the command line and an engine, disposed of afterwards."""
+    models = load_models(args.models)
+    engine = make_engine(args.database_url)
+    try:
+        yield models, engine
+    finally:
+        engine.dispose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             configure_logging(args.log_level)
-            models = load_models(args.models)
-            engine = make_engine(args.database_url)
-            try:
+            with _models_and_engine(args) as (models, engine):
                 return run_pool(
                     models,
                     engine=engine,
@@ -145,20 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     concurrency=args.concurrency,
                     pool=args.pool,
                 )
-            finally:
-                engine.dispose()
         elif args.command == "create-tables":
-            models = load_models(args.models)
-            engine = make_engine(args.database_url)
-            try:
+            with _models_and_engine(args) as (models, engine):
                 names = create_tables(models, engine)
-            finally:
-                engine.dispose()
             print("created (if missing): " + ", ".join(names))
         elif args.command == "prune":
-            models = load_models(args.models)
-            engine = make_engine(args.database_url)
-            try:
+            with _models_and_engine(args) as (models, engine):
                 for line in prune_tables(
                     models,
                     engine=engine,
@@ -169,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch_size=args.batch_size,
                 ):
                     print(line, flush=True)
-            finally:
-                engine.dispose()
         elif args.command == "demo":
             from alchq._demo import main as demo_main
 

@@ -156,7 +156,7 @@ def prune_command(
 ) -> None:
     """Delete finished tasks older than an age, in batches.
 
-    AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, or never (keep them).
+    AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, 0 (all), or never (keep them).
     Omitted ages come from the ALCHQ_PRUNE_*_AFTER settings (7d; 30d for ERROR).
     """
     for line in prune_tables(

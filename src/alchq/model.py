@@ -15,7 +15,7 @@ import enum
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from sqlalchemy import (
     CheckConstraint,
@@ -47,13 +47,11 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import set_committed_value
 
-from alchq._dialects import utc_now
+from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.base import ready_index_kwargs
 from alchq._dialects.types import UTCDateTime
 from alchq.exceptions import CancelError, TaskDefinitionError
-
-if TYPE_CHECKING:
-    from alchq.scheduling import Periodic, Retry
+from alchq.scheduling import Periodic, Retry
 
 __all__ = ["BaseQueue", "Enqueued", "Status", "metadata", "mapper_registry"]
 
@@ -265,8 +263,6 @@ class BaseQueue:
             session.add(task)
             session.flush()
             return Enqueued(task, True)
-        from alchq._dialects import dialect_for
-
         mapper = inspect(cls)
         table = mapper.local_table
         assert isinstance(table, Table)
@@ -471,8 +467,6 @@ def check_task_model(model: object) -> type[BaseQueue]:
         raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
     if len(mapper.primary_key) == 0:
         raise TaskDefinitionError(f"{model.__name__} has no primary key")
-    from alchq.scheduling import Periodic, Retry
-
     if model.alchq_retry is not None and not isinstance(model.alchq_retry, Retry):
         raise TaskDefinitionError(
             f"{model.__name__}.alchq_retry must be an alchq.Retry or None, "

@@ -975,7 +975,9 @@ class Worker:
         if interval is None or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + interval
-        prune_periodically(self.source, self.models, self.settings, lambda: self.stopping)
+        prune_periodically(
+            self.source, self.models, self.settings, lambda: self.stopping, self._transient
+        )
 
     def _rescue(self, model: type[BaseQueue]) -> None:
         """Put tasks of lost workers back, or end them once they were lost too often."""
