@@ -32,9 +32,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, delete, func, insert, inspect, select
 
-import alchq._scheduler
 from alchq import ConfigurationError, Periodic, Status, TaskDefinitionError, worker
+from alchq._binds import Binds
 from alchq._dialects import utc_now
+from alchq._scheduler import Scheduler
+from alchq._sessions import resolve
+from alchq.config import Settings
 from alchq.model import ticks_table
 from alchq.worker import Worker
 from tests.conftest import ROOT, _fresh_pg_database, alchq_command, run_alchq, worker_env
@@ -110,6 +113,11 @@ def runs(engine: Engine, model: type) -> list[Any]:
                 select(run_log.c.task_id, run_log.c.pid).where(run_log.c.model == model.__name__)
             ).all()
         )
+
+
+def laggard_scheduler(engine: Engine, clock: Callable[[Any], datetime]) -> Scheduler:
+    """A scheduler of PqLaggard whose reading of the database clock is ``clock``."""
+    return Scheduler([PqLaggard], Binds(resolve(engine=engine)), Settings(), clock=clock)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -401,7 +409,7 @@ def test_catch_up_false_skips_a_long_missed_tick_but_not_an_on_time_one(
 
 
 def test_a_late_scheduler_cannot_create_a_tick_older_than_one_already_created(
-    tables: Engine, monkeypatch: pytest.MonkeyPatch
+    tables: Engine,
 ) -> None:
     """A scheduler reads the database clock just before a tick, then is held up (a
     lock, a pause, a frozen VM) while another creates that tick's task, later ones,
@@ -411,10 +419,7 @@ def test_a_late_scheduler_cannot_create_a_tick_older_than_one_already_created(
     The schedulers' clock readings are faked; everything else is real."""
     base = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
     clock = {"now": base}
-    monkeypatch.setattr(alchq._scheduler, "_aware", lambda raw: clock["now"])
-    a = Worker(PqLaggard, engine=tables)._scheduler
-    b = Worker(PqLaggard, engine=tables)._scheduler
-    c = Worker(PqLaggard, engine=tables)._scheduler
+    a, b, c = (laggard_scheduler(tables, lambda raw: clock["now"]) for _ in range(3))
 
     def check(scheduler: Any, seconds: float) -> None:
         clock["now"] = base + timedelta(seconds=seconds)
@@ -430,16 +435,13 @@ def test_a_late_scheduler_cannot_create_a_tick_older_than_one_already_created(
     assert task_ticks(tables, PqLaggard) == [base, base + SECOND, base + timedelta(hours=2)]
 
 
-def test_a_stalled_scheduler_fills_in_the_ticks_it_slept_through(
-    tables: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stalled_scheduler_fills_in_the_ticks_it_slept_through(tables: Engine) -> None:
     """A running scheduler held up for a few ticks (a slow database, a busy machine)
     still creates each of them; one frozen for longer than late_after creates only
     the latest tick (one catch-up), like a scheduler that was not running."""
     base = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
     clock = {"now": base}
-    monkeypatch.setattr(alchq._scheduler, "_aware", lambda raw: clock["now"])
-    a = Worker(PqLaggard, engine=tables)._scheduler
+    a = laggard_scheduler(tables, lambda raw: clock["now"])
 
     def check(seconds: float) -> None:
         clock["now"] = base + timedelta(seconds=seconds)
@@ -463,15 +465,14 @@ def test_a_slow_check_does_not_make_the_next_tick_late(
     just after a tick of a per-second schedule must not sleep another whole second,
     or the next tick would be missed."""
     base = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
-    monkeypatch.setattr(alchq._scheduler, "_aware", lambda raw: base + timedelta(seconds=0.005))
-    scheduler = Worker(PqLaggard, engine=tables)._scheduler
-    create = scheduler._create
+    scheduler = laggard_scheduler(tables, lambda raw: base + timedelta(seconds=0.005))
+    create = scheduler.create
 
     def slow_create(*args: Any) -> None:
         time.sleep(0.7)
         create(*args)
 
-    monkeypatch.setattr(scheduler, "_create", slow_create)
+    monkeypatch.setattr(scheduler, "create", slow_create)
     wait = scheduler.check()
     assert task_ticks(tables, PqLaggard) == [base]
     assert wait < 0.6, f"sleeps {wait:.2f}s after a 0.7s check: the next tick comes after 0.3s"

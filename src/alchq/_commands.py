@@ -7,16 +7,17 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from alchq import _prune
+from alchq._binds import Binds, engine_of, table_missing
 from alchq._imports import import_model
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, safe_url
 from alchq.config import Settings, parse_age
-from alchq.exceptions import ConfigurationError, DatabaseError, TableMissingError
-from alchq.model import BaseQueue, Status, ticks_table
+from alchq.exceptions import ConfigurationError, DatabaseError
+from alchq.model import BaseQueue, Status, task_table, ticks_table
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -155,10 +156,11 @@ def _prune_each(
     ages: dict[Status, float | None],
     batch_size: int,
 ) -> Iterator[str]:
+    binds = Binds(source)
     for model in models:
-        table = _prune.table_of(model)
+        table = task_table(model)
         try:
-            counts = _prune.prune_model(source, model, ages, batch_size)
+            counts = _prune.prune_model(binds, model, ages, batch_size)
         except DBAPIError as exc:
             raise _prune_failed(source, model, exc) from exc
         yield _prune.describe(table.name, counts, ages)
@@ -166,15 +168,11 @@ def _prune_each(
 
 def _prune_failed(source: SessionSource, model: type[BaseQueue], exc: DBAPIError) -> DatabaseError:
     """A one-line error for a failed prune: the table is missing, or the database said why."""
-    table = _prune.table_of(model)
     with _prune.private_session(source) as session:
-        engine = _prune.engine_of(session, model)
-    try:
-        exists = inspect(engine).has_table(table.name, schema=table.schema)
-    except DBAPIError:
-        exists = True  # unreachable: the original error says so
-    if not exists:
-        return TableMissingError(
-            f"table {table.name!r} for {model.__name__} does not exist in {safe_url(engine)}"
-        )
+        engine = engine_of(session, model)
+    command = "flask alchq" if source.scoped is not None else "alchq"
+    missing = table_missing(model, engine, command)
+    if missing is not None:
+        return missing
+    table = task_table(model)
     return DatabaseError(f"cannot prune {table.name} in {safe_url(engine)}: {first_line(exc)}")

@@ -9,25 +9,13 @@ and costs nothing.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Table
-
-from alchq._dialects import Dialect, utc_now
-from alchq._dialects.base import Claim
+from alchq._held import Held
 from alchq._util import first_line
-
-if TYPE_CHECKING:
-    from alchq.model import BaseQueue
 
 logger = logging.getLogger("alchq.worker")
 
@@ -35,46 +23,22 @@ logger = logging.getLogger("alchq.worker")
 _TICK = 0.1
 
 
-@dataclass
-class InHand:
-    """The task a worker holds: what the monitor needs to keep or end its claim."""
-
-    model: type[BaseQueue]
-    claim: Claim
-    table: Table
-    engine: Engine
-    dialect: Dialect
-    label: str
-    time_limit: float
-    thread_id: int
-    started: float = field(default_factory=time.monotonic)
-    #: True only while ``run()`` itself executes: interrupts are raised only then.
-    in_run: bool = False
-    #: "timeout" or "shutdown" once the task was asked to stop.
-    interrupt: str | None = None
-    #: monotonic time after which the monitor stops the process itself.
-    hard_deadline: float | None = None
-    lost: bool = False
-    #: failed runs before this one (for the retry policy).
-    failures: int = 0
-
-
 class Monitor:
-    """Background thread of one :class:`alchq.worker.Worker`."""
+    """Background thread of one worker: heartbeats and time limits of the task in hand."""
 
     def __init__(
         self,
-        heartbeat: Callable[[InHand], bool],
+        heartbeat: Callable[[Held], bool],
         heartbeat_interval: float,
-        on_time_limit: Callable[[InHand], None],
-        on_hard_deadline: Callable[[InHand], None],
+        on_time_limit: Callable[[Held], None],
+        on_hard_deadline: Callable[[Held], None],
     ) -> None:
         self._heartbeat = heartbeat
         self._interval = heartbeat_interval
         self._on_time_limit = on_time_limit
         self._on_hard_deadline = on_hard_deadline
         self._cond = threading.Condition()
-        self._hand: InHand | None = None
+        self._held: Held | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -91,95 +55,60 @@ class Monitor:
             self._thread.join(timeout=5)
         self._thread = None
 
-    def hold(self, hand: InHand) -> None:
+    def hold(self, held: Held) -> None:
+        """Watch ``held`` (the task now in hand) until :meth:`drop`."""
         with self._cond:
-            self._hand = hand
+            self._held = held
             self._cond.notify_all()
 
-    def drop(self, hand: InHand) -> None:
+    def drop(self, held: Held) -> None:
         with self._cond:
-            if self._hand is hand:
-                self._hand = None
+            if self._held is held:
+                self._held = None
             self._cond.notify_all()
 
     @property
-    def hand(self) -> InHand | None:
-        return self._hand
+    def held(self) -> Held | None:
+        """The task in hand, if any."""
+        return self._held
 
     def _main(self) -> None:
         next_beat = 0.0
-        current: InHand | None = None
+        current: Held | None = None
         failing = False
         while True:
             with self._cond:
-                while self._hand is None and not self._closed:
+                while self._held is None and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                hand = self._hand
-                assert hand is not None
-                if hand is not current:
+                held = self._held
+                assert held is not None
+                if held is not current:
                     # The claim set the lease; the first renewal is due one interval later.
-                    current, next_beat = hand, time.monotonic() + self._interval
+                    current, next_beat = held, time.monotonic() + self._interval
                 self._cond.wait(_TICK)
-                if self._hand is not hand:
+                if self._held is not held:
                     continue
             now = time.monotonic()
             try:
-                if hand.hard_deadline is not None and now >= hand.hard_deadline:
-                    self._on_hard_deadline(hand)
+                if held.hard_deadline is not None and now >= held.hard_deadline:
+                    self._on_hard_deadline(held)
                 elif (
-                    hand.interrupt is None
-                    and not hand.lost
-                    and now - hand.started >= hand.time_limit
+                    held.interrupt is None
+                    and not held.lost
+                    and now - held.started >= held.time_limit
                 ):
-                    self._on_time_limit(hand)
-                if now >= next_beat and self._hand is hand:
+                    self._on_time_limit(held)
+                if now >= next_beat and self._held is held:
                     next_beat = now + self._interval
-                    if not self._heartbeat(hand) and self._hand is hand and not hand.lost:
+                    if not self._heartbeat(held) and self._held is held and not held.lost:
                         # The outcome write will be refused and say so; one warning is enough.
-                        hand.lost = True
-                        logger.debug("%s: lease renewal refused, claim lost", hand.label)
+                        held.lost = True
+                        logger.debug("%s: lease renewal refused, claim lost", held.label)
                     failing = False
             except Exception as exc:  # the monitor must outlive any one failure
                 # The task's own thread reports a database outage; say it once here.
                 log = logger.debug if failing else logger.warning
-                log("%s: heartbeat failed: %s", hand.label, first_line(exc))
+                log("%s: heartbeat failed: %s", held.label, first_line(exc))
                 failing = True
-
-
-def interrupt_thread(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Raise ``exc_type`` in another thread at its next Python instruction."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-    )
-
-
-def send_alarm(thread_id: int) -> None:
-    """Deliver SIGALRM to the main thread (wakes it from sleeps and blocking calls)."""
-    signal.pthread_kill(thread_id, signal.SIGALRM)
-
-
-def replace_process() -> None:
-    """Start this worker anew in the same process (same pid, same command line)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    os.execv(sys.executable, argv)  # noqa: S606 - re-running our own command line
-
-
-def exit_now(code: int) -> None:
-    """Leave at once, without running Python cleanup (the main thread is stuck)."""
-    for handler in logging.getLogger().handlers + logging.getLogger("alchq").handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: S110 - best effort while exiting
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def lease_values(lease: float) -> dict[str, Any]:
-    return {"alchq_lease_until": utc_now(lease)}

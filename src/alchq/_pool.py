@@ -31,13 +31,14 @@ from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
+from alchq._binds import Binds
 from alchq._commands import run_worker
 from alchq._util import first_line
 from alchq.exceptions import AlchqError, ConfigurationError
-from alchq.model import BaseQueue
+from alchq.model import BaseQueue, task_table
 from alchq.worker import Worker
 
 __all__ = ["CONCURRENCY_ENV", "POOLS", "run_pool"]
@@ -113,7 +114,7 @@ def run_pool(
 
     def run_one(started: Callable[[Worker], object]) -> None:
         # Each thread its own worker, sessions and (Flask) app context.
-        with probe._app_context():
+        with probe.app_context():
             run_worker(models, burst=burst, max_tasks=max_tasks, started=started, **worker_kwargs)
 
     def spawn(index: int) -> _Member:
@@ -132,17 +133,16 @@ def _preflight(worker: Worker) -> None:
     command reports it; other database errors are left to the workers, which
     wait out a server that is starting up.
     """
+    binds = Binds(worker.source)
     for model in worker.models:
-        mapper = inspect(model)
         session = worker.source.open()
         try:
-            bind = session.get_bind(mapper=mapper)
-            engine = bind if isinstance(bind, Engine) else bind.engine
+            engine = binds.engine(session, model)
             try:
                 with engine.connect() as conn:
-                    conn.execute(select(*mapper.local_table.primary_key.columns).limit(1))
+                    conn.execute(select(*task_table(model).primary_key.columns).limit(1))
             except DBAPIError as exc:
-                problem = worker._diagnose(exc, model, engine)
+                problem = binds.diagnose(exc, model, engine)
                 if isinstance(problem, AlchqError):
                     raise problem from exc
             # Process children open their own connections: keep none here.
@@ -154,18 +154,9 @@ def _preflight(worker: Worker) -> None:
 # -- stopping one Worker, as its own signal handler would ------------------------------------
 
 
-def _stop_gracefully(worker: Worker) -> threading.Timer:
+def _stop_gracefully(worker: Worker) -> None:
     """A first SIGTERM: claim nothing more; the task in hand has the grace period."""
-    worker.stop()
-    timer = threading.Timer(worker.settings.grace_period, worker._grace_expired)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
-def _stop_now(worker: Worker, why: str) -> None:
-    """A second signal: the task in hand goes back to PENDING at once."""
-    worker._stop_now(worker._monitor.hand, why)
+    worker.stop(within=worker.settings.grace_period)
 
 
 def _watch_supervisor(worker: Worker) -> None:
@@ -248,7 +239,6 @@ class _Thread:
         self._lock = threading.Lock()
         self._worker: Worker | None = None
         self._stops = 0
-        self._timers: list[threading.Timer] = []
         self._status: int | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
@@ -266,9 +256,6 @@ class _Thread:
         except BaseException as exc:
             self._error, self._status = exc, 1
             logger.debug("%s traceback", self.name, exc_info=True)
-        finally:
-            for timer in self._timers:
-                timer.cancel()
 
     def _started(self, worker: Worker) -> None:
         with self._lock:
@@ -291,9 +278,9 @@ class _Thread:
         if worker is None:
             return
         if now:
-            _stop_now(worker, why)
+            worker.stop(now=True, why=why)
         else:
-            self._timers.append(_stop_gracefully(worker))
+            _stop_gracefully(worker)
 
 
 # -- the supervisor ----------------------------------------------------------------------------

@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from types import EllipsisType
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Table, bindparam, inspect
+from sqlalchemy import ColumnElement, Engine, Table, bindparam
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from alchq._dialects import Dialect, dialect_for, utc_now
+from alchq._binds import Binds
+from alchq._dialects import utc_now
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError
-from alchq.model import FINISHED, BaseQueue, Status, check_task_model
+from alchq.model import FINISHED, BaseQueue, Status, check_task_model, task_table
 
 __all__ = ["prune"]
 
@@ -39,9 +39,6 @@ logger = logging.getLogger("alchq.prune")
 
 #: An age: seconds, a timedelta, text such as "7d" or "never", or None (never).
 Age = timedelta | float | str | None
-
-#: Engines already prepared (SQLite busy timeout and WAL): once per engine.
-_prepared: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def prune(
@@ -82,8 +79,9 @@ def prune(
     ages = resolve_ages(settings, processed=processed, error=error, cancelled=cancelled)
     size = settings.prune_batch_size if batch_size is None else check_batch_size(batch_size)
     total = {s.value: 0 for s in FINISHED}
+    binds = Binds(source)
     for model in checked:
-        for status, n in prune_model(source, model, ages, size).items():
+        for status, n in prune_model(binds, model, ages, size).items():
             total[status] += n
     return total
 
@@ -115,7 +113,7 @@ def check_batch_size(value: object) -> int:
 
 
 def prune_model(
-    source: SessionSource,
+    binds: Binds,
     model: type[BaseQueue],
     ages: Mapping[Status, float | None],
     batch_size: int,
@@ -126,16 +124,17 @@ def prune_model(
     ``stop`` is asked between batches, so a worker told to stop does not
     first work through a large backlog.
     """
-    mapper = inspect(model)
-    table = table_of(model)
+    table = task_table(model)
     counts = {s.value: 0 for s in FINISHED}
-    session = private_session(source)
+    session = private_session(binds.source)
     try:
-        dialect = _dialect(session, model)
+        # The first use of an engine prepares it (SQLite: wait for the workers'
+        # write lock instead of failing at once).
+        dialect = binds.dialect_of(session, model)
         for status, where in _targets(table, ages):
             while not stop():
                 try:
-                    conn = session.connection(bind_arguments={"mapper": mapper})
+                    conn = binds.connection(session, model)
                     deleted = dialect.delete_batch(conn, table, where, batch_size)
                     # Commit each batch: locks last one batch, and work done stays done.
                     session.commit()
@@ -161,12 +160,6 @@ def private_session(source: SessionSource) -> Session:
     return source.open()
 
 
-def table_of(model: type[BaseQueue]) -> Table:
-    table = inspect(model).local_table
-    assert isinstance(table, Table)
-    return table
-
-
 def _targets(
     table: Table, ages: Mapping[Status, float | None]
 ) -> list[tuple[Status, ColumnElement[bool]]]:
@@ -188,11 +181,6 @@ def _targets(
     return targets
 
 
-def engine_of(session: Session, model: type[BaseQueue]) -> Engine:
-    bind = session.get_bind(mapper=inspect(model))
-    return bind if isinstance(bind, Engine) else bind.engine
-
-
 def _in_finished_index(status: ColumnElement[Any]) -> ColumnElement[bool]:
     """The finished-rows index's own predicate, ``status IN ('PROCESSED', ...)``.
 
@@ -202,16 +190,6 @@ def _in_finished_index(status: ColumnElement[Any]) -> ColumnElement[bool]:
     """
     values = [s.value for s in FINISHED]
     return status.in_(bindparam("alchq_finished", values, expanding=True, literal_execute=True))
-
-
-def _dialect(session: Session, model: type[BaseQueue]) -> Dialect:
-    engine = engine_of(session, model)
-    dialect = dialect_for(engine)
-    if engine not in _prepared:
-        # SQLite: wait for the workers' write lock instead of failing at once.
-        dialect.prepare_engine(engine)
-        _prepared.add(engine)
-    return dialect
 
 
 def describe(
@@ -228,11 +206,10 @@ def describe(
 
 
 def prune_periodically(
-    source: SessionSource,
+    binds: Binds,
     models: list[type[BaseQueue]],
     settings: Settings,
     stop: Callable[[], bool],
-    transient: Callable[[BaseException], bool],
 ) -> None:
     """A worker's periodic pruning: log what went, never raise.
 
@@ -243,9 +220,9 @@ def prune_periodically(
     ages = resolve_ages(settings)
     for model in models:
         try:
-            counts = prune_model(source, model, ages, settings.prune_batch_size, stop)
+            counts = prune_model(binds, model, ages, settings.prune_batch_size, stop)
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and transient(exc):
+            if isinstance(exc, DBAPIError) and binds.is_transient(exc):
                 logger.warning("pruning skipped, database unavailable: %s", first_line(exc))
             else:
                 logger.error(
@@ -254,4 +231,4 @@ def prune_periodically(
                 logger.debug("pruning traceback", exc_info=True)
             return
         if any(counts.values()):
-            logger.info("%s", describe(table_of(model).name, counts, ages))
+            logger.info("%s", describe(task_table(model).name, counts, ages))

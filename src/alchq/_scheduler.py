@@ -14,20 +14,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Table, delete, inspect, select
+from sqlalchemy import delete, inspect, select
 from sqlalchemy.exc import DBAPIError
 
+from alchq._binds import Binds
 from alchq._dialects import utc_now
 from alchq._util import first_line
-from alchq.model import BaseQueue, ticks_table
+from alchq.config import Settings
+from alchq.model import BaseQueue, schedules_of, task_table, ticks_table
 from alchq.scheduling import Periodic
-
-if TYPE_CHECKING:
-    from alchq.worker import Worker
 
 logger = logging.getLogger("alchq.scheduler")
 
@@ -37,17 +36,37 @@ MAX_FILLED = 10
 TICKS_KEPT = timedelta(hours=1)
 
 
-def schedules(model: type[BaseQueue]) -> list[Periodic]:
-    declared = model.alchq_periodic
-    return [declared] if isinstance(declared, Periodic) else list(declared)
+def aware(value: Any) -> datetime:
+    """The database's now as an aware UTC datetime (SQLite returns text)."""
+    when = datetime.fromisoformat(value[:26]) if isinstance(value, str) else value
+    assert isinstance(when, datetime)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
 
 
 class Scheduler:
-    """Creates the periodic tasks of a worker's models, from a thread of its own."""
+    """Creates the periodic tasks of some models, from a thread of its own.
 
-    def __init__(self, worker: Worker, models: Sequence[type[BaseQueue]]) -> None:
-        self.worker = worker
-        self.entries = [(m, p) for m in models for p in schedules(m)]
+    :param binds: how to reach the models' tables.
+    :param app_context: enters the (Flask) app context the thread runs in.
+    :param clock: turns the database's ``now`` as read into an aware datetime
+        (tests replace it to play with time).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[type[BaseQueue]],
+        binds: Binds,
+        settings: Settings,
+        app_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        clock: Callable[[Any], datetime] = aware,
+    ) -> None:
+        self.binds = binds
+        self.settings = settings
+        self.app_context = app_context
+        self.clock = clock
+        self.entries = [(m, p) for m in models for p in schedules_of(m)]
         self._done: dict[str, datetime] = {}  # schedule key -> last tick handled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,7 +95,7 @@ class Scheduler:
             self._thread = None
 
     def _loop(self, wait: float) -> None:
-        with self.worker._app_context():
+        with self.app_context():
             while not self._stop.wait(wait):
                 wait = self.check_safely()
 
@@ -85,13 +104,13 @@ class Scheduler:
         try:
             wait = self.check()
         except Exception as exc:
-            transient = isinstance(exc, DBAPIError) and self.worker._transient(exc)
+            transient = isinstance(exc, DBAPIError) and self.binds.is_transient(exc)
             if not self._failing:
                 log = logger.warning if transient else logger.error
                 log("periodic scheduler: %s; retrying", first_line(exc))
                 logger.debug("scheduler traceback", exc_info=True)
             self._failing = True
-            return min(self.worker.settings.max_backoff, 1.0)
+            return min(self.settings.max_backoff, 1.0)
         if self._failing:
             logger.info("periodic scheduler: working again")
         self._failing = False
@@ -104,21 +123,19 @@ class Scheduler:
         # clock was read, so a slow check (a lock wait, a busy CPU) does not push
         # the next check past the next tick as well.
         deadline = time.monotonic() + 60.0
-        source = self.worker.source
+        source = self.binds.source
         session = source.open()
         try:
             now_by_engine: dict[Any, tuple[datetime, float]] = {}
             for model, periodic in self.entries:
-                mapper = inspect(model)
-                table = mapper.local_table
-                assert isinstance(table, Table)
-                engine = self.worker._engine(session, mapper)
-                self.worker._dialect(engine)  # connect-time settings, error classification
+                table = task_table(model)
+                engine = self.binds.engine(session, model)
+                self.binds.dialect(engine)  # connect-time settings, error classification
                 cached = now_by_engine.get(engine)
                 if cached is None:
-                    conn = self.worker._connection(session, mapper)
+                    conn = self.binds.connection(session, model)
                     raw = conn.execute(select(utc_now())).scalar_one()
-                    cached = now_by_engine[engine] = (_aware(raw), time.monotonic())
+                    cached = now_by_engine[engine] = (self.clock(raw), time.monotonic())
                     session.rollback()
                 now, read_at = cached
                 until_next = read_at + (periodic.next_tick(now) - now).total_seconds()
@@ -130,7 +147,7 @@ class Scheduler:
                     if periodic.catch_up or late <= periodic.late_after:
                         slept = self._slept_through(periodic, previous, tick, now)
                         if not all(
-                            self._create_or_report(session, model, periodic, key, t)
+                            self.create_or_report(session, model, periodic, key, t)
                             for t in [*slept, tick]
                         ):
                             # Not marked done: tried again at the next check,
@@ -175,15 +192,15 @@ class Scheduler:
             t = periodic.next_tick(t)
         return slept[-MAX_FILLED:]
 
-    def _create_or_report(
+    def create_or_report(
         self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
     ) -> bool:
-        """:meth:`_create`; False, logged once per schedule, if the database refuses it
+        """:meth:`create`; False, logged once per schedule, if the database refuses it
         (a constraint, a missing table). An outage is raised: check_safely waits it out."""
         try:
-            self._create(session, model, periodic, key, tick)
+            self.create(session, model, periodic, key, tick)
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and self.worker._transient(exc):
+            if isinstance(exc, DBAPIError) and self.binds.is_transient(exc):
                 raise
             if key not in self._refused:
                 self._refused.add(key)
@@ -200,17 +217,15 @@ class Scheduler:
             logger.info("%s: schedule %r creates tasks again", model.__name__, periodic.spec)
         return True
 
-    def _create(
+    def create(
         self, session: Any, model: type[BaseQueue], periodic: Periodic, key: str, tick: datetime
     ) -> None:
-        mapper = inspect(model)
-        table = mapper.local_table
-        assert isinstance(table, Table)
+        """Create ``tick``'s task of ``periodic`` unless another scheduler did (committed)."""
+        table = task_table(model)
         ticks = ticks_table(table.metadata)
-        engine = self.worker._engine(session, mapper)
-        dialect = self.worker._dialect(engine)
+        dialect = self.binds.dialect_of(session, model)
         try:
-            conn = self.worker._connection(session, mapper)
+            conn = self.binds.connection(session, model)
             insert = dialect.insert_unless_conflict(
                 ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
             )
@@ -252,12 +267,3 @@ class Scheduler:
             tick.isoformat(),
             extra={"alchq_model": model.__name__, "alchq_schedule": key},
         )
-
-
-def _aware(value: Any) -> datetime:
-    """The database's now as an aware UTC datetime (SQLite returns text)."""
-    when = datetime.fromisoformat(value[:26]) if isinstance(value, str) else value
-    assert isinstance(when, datetime)
-    if when.tzinfo is None:
-        return when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc)

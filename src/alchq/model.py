@@ -47,13 +47,12 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import set_committed_value
 
-from alchq._dialects import dialect_for, utc_now
-from alchq._dialects.base import ready_index_kwargs
+from alchq._dialects import dialect_for, ready_index_kwargs, utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq.exceptions import CancelError, TaskDefinitionError
 from alchq.scheduling import Periodic, Retry
 
-__all__ = ["BaseQueue", "Enqueued", "Status", "metadata", "mapper_registry"]
+__all__ = ["BaseQueue", "Enqueued", "Status", "metadata", "task_table"]
 
 
 class Status(str, enum.Enum):
@@ -108,6 +107,13 @@ _CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 def snake_case(name: str) -> str:
     """``MyTask`` → ``my_task``, ``HTTPTask`` → ``http_task`` (as Flask-SQLAlchemy does)."""
     return _CAMEL.sub(r"_\1", name).lower().lstrip("_")
+
+
+def task_table(model: type[Any]) -> Table:
+    """The table a task model's rows live in (its mapper's local table)."""
+    table = inspect(model).local_table
+    assert isinstance(table, Table), f"{model!r} is not mapped to a table"
+    return table
 
 
 class Enqueued(NamedTuple):
@@ -264,8 +270,7 @@ class BaseQueue:
             session.flush()
             return Enqueued(task, True)
         mapper = inspect(cls)
-        table = mapper.local_table
-        assert isinstance(table, Table)
+        table = task_table(cls)
         c = table.c
         active = c.status.in_([s.value for s in ACTIVE])
         row: dict[str, Any] = {}
@@ -308,8 +313,7 @@ class BaseQueue:
         if state.key is None:
             session.flush()
         mapper = state.mapper
-        table = mapper.local_table
-        assert isinstance(table, Table)
+        table = task_table(mapper.class_)
         c = table.c
         ident = inspect(self).identity
         if ident is None:  # transient, and not added to ``session``
@@ -451,6 +455,12 @@ def _check_name(table: Table, name: str) -> str:
 event.listen(BaseQueue, "after_mapper_constructed", _add_queue_schema, propagate=True)
 
 
+def schedules_of(model: type[BaseQueue]) -> list[Periodic]:
+    """The model's periodic schedules (``alchq_periodic`` may also be one schedule)."""
+    declared = model.alchq_periodic
+    return [declared] if isinstance(declared, Periodic) else list(declared)
+
+
 def check_task_model(model: object) -> type[BaseQueue]:
     """Return ``model`` if it is a mapped BaseQueue subclass with ``run()``, else raise."""
     if not isinstance(model, type) or not issubclass(model, BaseQueue):
@@ -473,7 +483,7 @@ def check_task_model(model: object) -> type[BaseQueue]:
             f"got {model.alchq_retry!r}"
         )
     declared = model.alchq_periodic
-    for periodic in [declared] if isinstance(declared, Periodic) else declared:
+    for periodic in [declared] if isinstance(declared, Periodic) else list(declared):
         if not isinstance(periodic, Periodic):
             raise TaskDefinitionError(
                 f"{model.__name__}.alchq_periodic must hold alchq.Periodic schedules, "

@@ -1,4 +1,8 @@
-"""Dialect protocol, the generic (ANSI) implementation and the registry of dialects."""
+"""The dialect seam's base: the generic (ANSI) implementation every database refines.
+
+A leaf module: it imports no other dialect. The map from a database to its
+class is in :mod:`alchq._dialects`.
+"""
 
 from __future__ import annotations
 
@@ -141,22 +145,19 @@ class Dialect:
 
         Unlike a refused connection, that says the URL is right: worth waiting for.
         """
-        code = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        return code in {"57P01", "57P02", "57P03", "53300"}
+        return False
 
     def is_transient(self, exc: BaseException) -> bool:
         """Is ``exc`` the database being away (retry later), not a fault of the SQL or data?
 
         Lost connections, server restarts and shutdowns, failovers (including
         read-only windows), serialization failures and lock timeouts are.
+        Databases refine this; the generic rule knows only what the DB-API says.
         """
         if not isinstance(exc, DBAPIError):
             return False
         if exc.connection_invalidated or isinstance(exc, InterfaceError):
             return True
-        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        if isinstance(code, str):
-            return code.startswith("08") or code in _TRANSIENT_SQLSTATES
         return isinstance(exc, OperationalError)
 
     def claim(
@@ -284,38 +285,6 @@ class Dialect:
             return 0
         match = key.in_([p if len(p) > 1 else p[0] for p in pks])
         return conn.execute(delete(table).where(match).where(where)).rowcount
-
-
-#: SQLSTATEs that mean "the database is (briefly) unable", not "your SQL is wrong".
-_TRANSIENT_SQLSTATES = frozenset(
-    {
-        "25006",  # read_only_sql_transaction: a failover's read-only window
-        "40001",  # serialization_failure
-        "40P01",  # deadlock_detected
-        "55P03",  # lock_not_available (lock_timeout)
-        "57014",  # query_canceled (statement_timeout)
-        "57P01",  # admin_shutdown (pg_terminate_backend, fast shutdown)
-        "57P02",  # crash_shutdown
-        "57P03",  # cannot_connect_now (starting up, in recovery)
-        "53300",  # too_many_connections
-    }
-)
-
-_DIALECTS: dict[str, type[Dialect]] = {}
-
-
-def register(cls: type[Dialect]) -> type[Dialect]:
-    _DIALECTS[cls.name] = cls
-    return cls
-
-
-def dialect_for(engine: Engine) -> Dialect:
-    """The :class:`Dialect` for an engine, chosen from its dialect name."""
-    # Imported here so that the subclasses can import this module.
-    from alchq._dialects import mysql, postgresql, sqlite  # noqa: F401
-
-    cls = _DIALECTS.get(engine.dialect.name, Dialect)
-    return cls()
 
 
 def on_connect(engine: Engine, fn: Any) -> None:

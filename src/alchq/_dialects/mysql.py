@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from alchq._dialects.base import Dialect, register
+from alchq._dialects.base import Dialect
 
 
-@register
 class MySQLDialect(Dialect):
     name = "mysql"
     skip_locked = True
@@ -13,6 +12,5 @@ class MySQLDialect(Dialect):
     partial_index = False
 
 
-@register
 class MariaDBDialect(MySQLDialect):
     name = "mariadb"

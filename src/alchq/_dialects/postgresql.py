@@ -10,8 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, InterfaceError
 
-from alchq._dialects.base import Dialect, on_connect, register
+from alchq._dialects.base import Dialect, on_connect
 
 logger = logging.getLogger("alchq.dialect")
 
@@ -54,7 +55,30 @@ _BUSY_MESSAGES = (
 )
 
 
-@register
+#: SQLSTATEs that mean "the database is (briefly) unable", not "your SQL is wrong".
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: a failover's read-only window
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available (lock_timeout)
+        "57014",  # query_canceled (statement_timeout)
+        "57P01",  # admin_shutdown (pg_terminate_backend, fast shutdown)
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up, in recovery)
+        "53300",  # too_many_connections
+    }
+)
+#: SQLSTATEs of a server that answers "not now": the URL is right, wait for it.
+_BUSY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     on_conflict_insert = staticmethod(insert)
@@ -70,7 +94,17 @@ class PostgreSQLDialect(Dialect):
     def server_is_busy(self, exc: BaseException) -> bool:
         # Errors while connecting carry no SQLSTATE in psycopg: read the message.
         text = str(getattr(exc, "orig", exc)).lower()
-        return super().server_is_busy(exc) or any(m in text for m in _BUSY_MESSAGES)
+        return _sqlstate(exc) in _BUSY_SQLSTATES or any(m in text for m in _BUSY_MESSAGES)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if not isinstance(exc, DBAPIError):
+            return False
+        if exc.connection_invalidated or isinstance(exc, InterfaceError):
+            return True
+        code = _sqlstate(exc)
+        if code is not None:
+            return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+        return super().is_transient(exc)
 
     @contextlib.contextmanager
     def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:

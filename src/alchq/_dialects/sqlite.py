@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.sqlite import insert
 
-from alchq._dialects.base import Dialect, on_connect, register
+from alchq._dialects.base import Dialect, on_connect
 from alchq._util import first_line
 
 logger = logging.getLogger("alchq.dialect")
@@ -36,7 +36,6 @@ _TRANSIENT_MESSAGES = (
 )
 
 
-@register
 class SQLiteDialect(Dialect):
     name = "sqlite"
     on_conflict_insert = staticmethod(insert)

@@ -1,0 +1,111 @@
+"""What happened to one run, as plain data, before anyone persists it.
+
+The executor returns an :class:`Outcome` on every path; the recorder turns it
+into column values (:meth:`Outcome.values`) and writes it. The retry policy
+and snoozes are decided here (:func:`failed`), not where the outcome is written.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table
+
+from alchq._dialects import utc_now
+from alchq._held import Held
+from alchq._transitions import bump, released
+from alchq.model import Status
+from alchq.scheduling import Snooze
+
+#: Longest error message and traceback kept on a row (MySQL TEXT holds 64 KiB).
+MAX_MESSAGE = 4_000
+MAX_TRACEBACK = 60_000
+
+
+class Kind(enum.Enum):
+    """How a run ended."""
+
+    PROCESSED = "PROCESSED"
+    #: failed for good: ERROR, then error()
+    ERROR = "ERROR"
+    #: failed, with attempts left in the retry policy: PENDING again later
+    RETRY = "RETRY"
+    #: ``raise Snooze(...)``: PENDING again later, not a failure
+    SNOOZE = "SNOOZE"
+    #: back to PENDING unchanged (the worker is stopping, or the database lost the run)
+    RELEASE = "RELEASE"
+    #: the row was deleted after it was claimed: nothing to record
+    GONE = "GONE"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one run, before it is persisted."""
+
+    kind: Kind
+    exc: BaseException | None = None
+    traceback: str | None = None
+    #: RETRY and SNOOZE: run again in this many seconds.
+    again_in: float | None = None
+    #: what the log line says instead of the exception, if set
+    detail: str | None = None
+    #: PROCESSED: did run() write through the task's session (writes a lost
+    #: connection takes with it)?
+    had_writes: bool = False
+    #: RELEASE: the database went away during the run; record once it is back.
+    away: bool = False
+
+    @property
+    def status(self) -> Status:
+        """The status the row gets."""
+        if self.kind in (Kind.PROCESSED, Kind.ERROR):
+            return Status(self.kind.value)
+        return Status.PENDING
+
+    @property
+    def failed(self) -> bool:
+        """Does this run count as a failure (``alchq_failures``)? A snooze does not."""
+        return self.kind in (Kind.ERROR, Kind.RETRY)
+
+    def values(self, table: Table) -> dict[str, Any]:
+        """The row's new column values."""
+        if self.kind is Kind.RELEASE:
+            return released()
+        values: dict[str, Any] = {"status": self.status, "time_updated": utc_now()}
+        if self.status is Status.PENDING:
+            values.update(released())
+            values["run_at"] = utc_now(self.again_in or 0.0)
+        else:
+            values["alchq_finished_at"] = utc_now()
+        if self.failed:
+            assert self.exc is not None
+            cls = type(self.exc)
+            name = (
+                cls.__qualname__
+                if cls.__module__ == "builtins"
+                else f"{cls.__module__}.{cls.__qualname__}"
+            )
+            values["alchq_failures"] = bump(table.c.alchq_failures)
+            values["alchq_error_type"] = name[:255]
+            values["alchq_error_message"] = str(self.exc)[:MAX_MESSAGE]
+            values["alchq_traceback"] = (self.traceback or "")[-MAX_TRACEBACK:]
+        elif self.status is Status.PROCESSED:
+            values.update(alchq_error_type=None, alchq_error_message=None, alchq_traceback=None)
+        return values
+
+
+PROCESSED = Outcome(Kind.PROCESSED)
+RELEASE = Outcome(Kind.RELEASE)
+
+
+def failed(held: Held, exc: BaseException, tb: str | None) -> Outcome:
+    """The outcome of a run that raised: a snooze, a retry (the model's policy), or ERROR."""
+    if isinstance(exc, Snooze):
+        return Outcome(Kind.SNOOZE, exc, None, again_in=exc.seconds)
+    policy = held.model.alchq_retry
+    failures = held.failures + 1
+    if policy is not None and policy.retries(exc, failures):
+        return Outcome(Kind.RETRY, exc, tb, again_in=policy.wait(failures))
+    return Outcome(Kind.ERROR, exc, tb)
