@@ -56,6 +56,7 @@ from tests.models_periodic import (
     metadata,
     run_log,
 )
+from tests.support import wait_until
 
 UTC = timezone.utc
 SECOND = timedelta(seconds=1)
@@ -118,14 +119,6 @@ def runs(engine: Engine, model: type) -> list[Any]:
 def laggard_scheduler(engine: Engine, clock: Callable[[Any], datetime]) -> Scheduler:
     """A scheduler of PqLaggard whose reading of the database clock is ``clock``."""
     return Scheduler([PqLaggard], Binds(resolve(engine=engine)), Settings(), clock=clock)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def start_worker(url: str, *models: str, log: Path, poll: str = "0.2") -> subprocess.Popen[bytes]:
@@ -490,7 +483,9 @@ def test_two_schedules_on_one_model_create_their_own_tasks(tables: Engine) -> No
         return sum(1 for r in rows(tables, PqTwo) if r.kind == kind and r.status == "PROCESSED")
 
     try:
-        wait_for(lambda: processed("every") >= 3 and processed("cron") >= 3, "3 tasks of each")
+        wait_until(
+            lambda: processed("every") >= 3 and processed("cron") >= 3, 30, "3 tasks of each"
+        )
     finally:
         w.stop()
         thread.join(timeout=30)
@@ -655,7 +650,7 @@ def test_a_schedule_the_database_refuses_is_logged_once_and_the_worker_goes_on(
             done = Counter(r.kind for r in rows(tables, PqSteady) if r.status == "PROCESSED")
             return done["pre"] == 3 and done["scheduled"] >= 3
 
-        wait_for(healthy, "the pre-made tasks and 3 scheduled ones", timeout=40)
+        wait_until(healthy, 40, "the pre-made tasks and 3 scheduled ones")
     finally:
         (code,) = stop_workers([proc])
     out = log.read_text()

@@ -13,10 +13,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, insert, select
@@ -27,9 +26,8 @@ from alchq._pool import QUICK_DEATH
 from tests.conftest import ROOT, alchq_command, worker_env
 from tests.fault_tasks import fault_task
 from tests.flask_app import URL_VARIABLE, FlaskTask
+from tests.support import wait_until
 from tests.tasks import CountTask, run_log
-
-T = TypeVar("T")
 
 count_table: Any = CountTask.__table__  # type: ignore[attr-defined]
 flask_table: Any = FlaskTask.__table__
@@ -58,19 +56,6 @@ def env(**extra: str) -> dict[str, str]:
         if not k.startswith(("ALCHQ_", "FLASK_")) and k not in (URL_VARIABLE, "DATABASE_URL")
     }
     return {**base, **FAST, **extra}
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, describe: Callable[[], str]
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{describe()}")
-        time.sleep(0.1)
 
 
 def gone(pid: int) -> bool:

@@ -12,7 +12,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from alchq.model import FINISHED
 from alchq.worker import Worker
 from tests.conftest import ROOT, alchq_command
 from tests.flask_app import URL_VARIABLE
+from tests.support import wait_until
 from tests.tasks import CountTask, run_log
 from tests.test_cli import clean_error, env, flask_command, ok, unreachable_url
 
@@ -105,14 +106,6 @@ def runs(engine: Engine) -> tuple[int, int]:
         total = conn.scalar(select(func.count()).select_from(run_log)) or 0
         distinct = conn.scalar(select(func.count(run_log.c.task_id.distinct()))) or 0
         return total, distinct
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def prune_cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -529,8 +522,9 @@ def test_worker_prunes_periodically(eng: Engine, db_url: str, tmp_path: Path) ->
         )
     try:
         # The tasks it processes itself go too, once 2 s old: pruned on a later round.
-        wait_for(
+        wait_until(
             lambda: runs(eng)[0] == 20 and by_status(eng) == {"ERROR": 5, "CANCELLED": 2},
+            TIMEOUT,
             "the worker to run the tasks and prune them",
         )
         proc.send_signal(signal.SIGTERM)

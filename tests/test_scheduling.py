@@ -40,7 +40,8 @@ from tests.models_scheduling import (
     error_log,
     run_log,
 )
-from tests.test_worker import WorkerProcess, wait_until
+from tests.support import wait_until
+from tests.test_worker import WorkerProcess
 
 T = TypeVar("T", bound=BaseQueue)
 

@@ -43,6 +43,7 @@ from tests.models_worker import (
     WkSpawn,
     WkStopper,
 )
+from tests.support import wait_until
 from tests.tasks import CountTask, run_log
 
 T = TypeVar("T", bound=BaseQueue)
@@ -98,16 +99,6 @@ def processed_one(model: type[T], **kwargs: Any) -> T:
     task = worker.process_one(model, **kwargs)
     assert isinstance(task, model), f"expected a {model.__name__}, got {task!r}"
     return task
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class BackgroundCall:

@@ -8,6 +8,8 @@ turns a failed first contact into a clear one-line error.
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -18,6 +20,29 @@ from alchq._sessions import SessionSource
 from alchq._util import first_line, safe_url
 from alchq.exceptions import DatabaseUnreachableError, TableMissingError
 from alchq.model import BaseQueue, metadata, task_table
+
+logger = logging.getLogger("alchq.worker")
+
+
+class Outage:
+    """Backing off while the database is away: 0.5, 1, 2... s up to ``cap``, logged once."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        """Count a failed attempt and log it; the seconds to wait before the next."""
+        self.failures += 1
+        delay: float = min(self.cap, 0.25 * 2.0**self.failures)
+        log = logger.warning if self.failures == 1 else logger.debug
+        log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
+        return delay
+
+    def over(self) -> bool:
+        """Reset after a success; True if there had been failures."""
+        was, self.failures = self.failures, 0
+        return was > 0
 
 
 def engine_of(session: Session, model: type[BaseQueue]) -> Engine:

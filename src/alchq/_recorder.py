@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from alchq._binds import Binds
+from alchq._binds import Binds, Outage
 from alchq._held import Held
 from alchq._monitor import Monitor
 from alchq._outcome import Kind, Outcome
@@ -100,7 +100,7 @@ class Recorder:
         values = outcome.values(held.table)
         try:
             conn = self.binds.connection(session, held.model)
-            if not held.dialect.finish(conn, held.table, held.claim, held.still_ours(), values):
+            if not _write(conn, held, values):
                 session.rollback()
                 logger.warning(
                     "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
@@ -143,7 +143,7 @@ class Recorder:
         """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
         try:
             conn = self.binds.connection(session, held.model)
-            ok = held.dialect.finish(conn, held.table, held.claim, held.still_ours(), released())
+            ok = _write(conn, held, released())
             session.commit()
         except DBAPIError as exc:
             with contextlib.suppress(Exception):
@@ -172,7 +172,7 @@ class Recorder:
 
     def settle_deferred(self) -> None:
         """Write the outcome the database was away for, waiting for it to come back."""
-        failures = 0
+        outage = Outage(self.settings.max_backoff)
         while self.deferred is not None:
             deferred = self.deferred
             try:
@@ -188,15 +188,11 @@ class Recorder:
                     self.deferred = None
                     self.monitor.drop(deferred.held)
                     return
-                failures += 1
-                delay = min(self.settings.max_backoff, 0.25 * 2**failures)
-                log = logger.warning if failures == 1 else logger.debug
-                log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
-                time.sleep(delay)
+                time.sleep(outage.failed(exc))
                 continue
             self.deferred = None
             self.monitor.drop(deferred.held)
-            if failures:
+            if outage.over():
                 logger.info("database is back")
 
     def _settle(self, deferred: Deferred) -> None:
@@ -224,14 +220,12 @@ class Recorder:
                 call_error = row.status == Status.ERROR
             elif outcome is None or (outcome.kind is Kind.PROCESSED and deferred.had_writes):
                 # Its run's writes died with the connection: run it again.
-                held.dialect.finish(conn, held.table, held.claim, held.still_ours(), released())
+                _write(conn, held, released())
                 conn.commit()
                 logger.warning("%s: back to PENDING; it will run again", held.label)
                 return
             else:
-                held.dialect.finish(
-                    conn, held.table, held.claim, held.still_ours(), outcome.values(held.table)
-                )
+                _write(conn, held, outcome.values(held.table))
                 conn.commit()
                 call_error = outcome.kind is Kind.ERROR
         if outcome is not None:
@@ -260,9 +254,7 @@ class Recorder:
                 # Briefly: the stuck task's own transaction may hold the row, and
                 # the process must be gone within about 2 s of the last signal.
                 with held.dialect.short_lock_wait(conn, 0.3):
-                    ok = held.dialect.finish(
-                        conn, held.table, held.claim, held.still_ours(), values
-                    )
+                    ok = _write(conn, held, values)
                     conn.commit()
         except Exception as exc:
             logger.warning(
@@ -281,15 +273,14 @@ class Recorder:
         """Renew the lease (monitor thread); False if the claim is no longer ours."""
         with held.engine.connect() as conn:
             with held.dialect.short_lock_wait(conn, 1.0):
-                ok = held.dialect.finish(
-                    conn,
-                    held.table,
-                    held.claim,
-                    held.still_ours(),
-                    lease_values(self.settings.lease),
-                )
+                ok = _write(conn, held, lease_values(self.settings.lease))
                 conn.commit()
         return ok
+
+
+def _write(conn: Connection, held: Held, values: dict[str, Any]) -> bool:
+    """Write ``values`` to the held task's row if the claim is still ours; False if not."""
+    return held.dialect.finish(conn, held.table, held.claim, held.still_ours(), values)
 
 
 def log_again(held: Held, outcome: Outcome) -> None:

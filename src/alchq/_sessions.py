@@ -44,14 +44,28 @@ class SessionSource:
             session.close()
 
 
-def _flask_source() -> SessionSource | None:
+def flask_app() -> Any:
+    """The current Flask app (the real object, not Flask's proxy), or None outside one."""
     try:
         from flask import current_app, has_app_context
     except ImportError:
         return None
     if not has_app_context():
         return None
-    db = current_app.extensions.get("sqlalchemy")
+    # The object behind the proxy: its context can be entered from other threads.
+    return current_app._get_current_object()  # type: ignore[attr-defined]  # noqa: SLF001
+
+
+def flask_db(app: Any) -> Any:
+    """The app's Flask-SQLAlchemy extension (its ``db``), or None (also without an app)."""
+    return None if app is None else app.extensions.get("sqlalchemy")
+
+
+def _flask_source() -> SessionSource | None:
+    app = flask_app()
+    if app is None:
+        return None
+    db = flask_db(app)
     if db is None:
         raise NoDatabaseError(
             "inside a Flask app but Flask-SQLAlchemy is not set up on it "
@@ -62,11 +76,8 @@ def _flask_source() -> SessionSource | None:
 
 def _app_config() -> dict[str, Any] | None:
     """The current Flask app's config, for ``ALCHQ_*`` settings, if in an app context."""
-    try:
-        from flask import current_app, has_app_context
-    except ImportError:
-        return None
-    return dict(current_app.config) if has_app_context() else None
+    app = flask_app()
+    return dict(app.config) if app is not None else None
 
 
 def from_object(obj: Any) -> SessionSource:

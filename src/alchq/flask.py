@@ -33,7 +33,8 @@ from alchq._commands import (
     prune_tables,
 )
 from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
-from alchq.exceptions import AlchqError
+from alchq._sessions import flask_app, flask_db
+from alchq.exceptions import AlchqError, NoDatabaseError
 
 __all__ = ["Alchq", "cli"]
 
@@ -58,11 +59,7 @@ def _fail_cleanly(fn: F) -> F:
 
 
 def _db() -> Any:
-    from flask import current_app
-
-    from alchq.exceptions import NoDatabaseError
-
-    db = current_app.extensions.get("sqlalchemy")
+    db = flask_db(flask_app())
     if db is None:
         raise NoDatabaseError(
             "this Flask app has no Flask-SQLAlchemy extension (db = SQLAlchemy(app))"

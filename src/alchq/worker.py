@@ -38,7 +38,7 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from alchq._binds import Binds
+from alchq._binds import Binds, Outage
 from alchq._claimer import Claimer
 from alchq._dialects import Claim
 from alchq._executor import Executor
@@ -48,9 +48,8 @@ from alchq._prune import prune_periodically
 from alchq._recorder import Recorder
 from alchq._recovery import Rescuer
 from alchq._scheduler import Scheduler
-from alchq._sessions import SessionSource, resolve
+from alchq._sessions import SessionSource, flask_app, resolve
 from alchq._stopping import EXIT_INTERRUPTED, Stopper, WorkerShutdown
-from alchq._util import first_line
 from alchq._wakeup import Waiter
 from alchq.config import Settings
 from alchq.exceptions import DatabaseUnreachableError
@@ -109,7 +108,7 @@ class Worker:
             {"poll_interval": poll_interval}, app_config=self.source.app_config
         )
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._app = _current_app()
+        self._app = flask_app()
         self._next_prune = 0.0
         self._waiter = Waiter()
         self._binds = Binds(self.source)
@@ -193,7 +192,7 @@ class Worker:
 
     def _loop(self, limit: int | None, wait: bool) -> int:
         done = 0
-        failures = 0
+        outage = Outage(self.settings.max_backoff)
         with self._running():
             while True:
                 self._recorder.settle_deferred()
@@ -210,7 +209,7 @@ class Worker:
                         if claimed:
                             done += 1
                             progressed = True
-                    failures = 0
+                    outage.over()
                 except (DatabaseUnreachableError, DBAPIError) as exc:
                     # Unreachable before the first round trip is most likely a
                     # wrong URL: say so and stop. A server that answers "starting
@@ -219,11 +218,7 @@ class Worker:
                         isinstance(exc, DatabaseUnreachableError) and not self._binds.connected
                     ):
                         raise
-                    failures += 1
-                    delay = min(self.settings.max_backoff, 0.25 * 2**failures)
-                    log = logger.warning if failures == 1 else logger.debug
-                    log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
-                    self._waiter.wait(delay)
+                    self._waiter.wait(outage.failed(exc))
                     continue
                 if not progressed:
                     if not wait:
@@ -320,18 +315,6 @@ def _detach(session: Session, task: BaseQueue | None) -> None:
         pass  # the database went away; the task object stays as it was
     finally:
         session.close()
-
-
-def _current_app() -> Any:
-    """The current Flask app, if this runs inside an app context."""
-    try:
-        from flask import current_app, has_app_context
-    except ImportError:
-        return None
-    if not has_app_context():
-        return None
-    # The real app behind Flask's proxy, to enter its context from other threads.
-    return current_app._get_current_object()  # type: ignore[attr-defined]  # noqa: SLF001
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:

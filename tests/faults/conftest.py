@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, column, create_engine, func, insert, make_url, select, text
@@ -32,8 +32,7 @@ from alchq import Status
 from tests.conftest import ROOT, alchq_command, worker_env
 from tests.fault_tasks import FaultTask, fault_done, fault_start, fault_task
 from tests.pgserver import PgServer
-
-T = TypeVar("T")
+from tests.support import wait_until
 
 #: Worker settings of every fault test (seconds), as ``ALCHQ_*`` variables.
 FAST = {
@@ -58,32 +57,6 @@ TABLES = [fault_task, fault_start, fault_done]
 
 
 # -- waiting -------------------------------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    what: str | None = None,
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that.
-
-    Fails the test after ``timeout`` seconds, saying ``what`` was awaited and,
-    if given, what ``describe()`` says about the state of things.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            message = f"timed out after {timeout:g}s waiting for {what or predicate}"
-            if describe is not None:
-                message += "\n" + describe()
-            raise AssertionError(message)
-        time.sleep(interval)
 
 
 # -- worker processes ------------------------------------------------------------------

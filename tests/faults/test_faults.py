@@ -34,8 +34,8 @@ from tests.faults.conftest import (
     pg_row_lock_free,
     random_sigkills,
     sqlite_write_lock_free,
-    wait_until,
 )
+from tests.support import wait_until
 
 LOST = "alchq.exceptions.WorkerLostError"
 TIMEOUT = "alchq.exceptions.TaskTimeoutError"

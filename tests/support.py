@@ -1,0 +1,36 @@
+"""Helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str | None = None,
+    describe: Callable[[], str] | None = None,
+    *,
+    interval: float = 0.05,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Fails the test after ``timeout`` seconds, saying ``what`` was awaited and,
+    if given, what ``describe()`` says about the state of things. Tests
+    synchronise with this, never with fixed sleeps.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            message = f"timed out after {timeout:g}s waiting for {what or predicate}"
+            if describe is not None:
+                message += "\n" + describe()
+            raise AssertionError(message)
+        time.sleep(interval)
