@@ -11,6 +11,7 @@ from __future__ import annotations
 from alchq import worker
 from alchq._dialects.types import UTCDateTime
 from alchq._prune import prune
+from alchq._version import __version__  # noqa: E402
 from alchq.exceptions import (
     AlchqError,
     CancelError,
@@ -27,8 +28,6 @@ from alchq.exceptions import (
 )
 from alchq.model import BaseQueue, Enqueued, Status, metadata
 from alchq.scheduling import Periodic, Retry, Snooze
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AlchqError",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from alchq import _tracking
 from alchq._dialects import Dialect, dialect_for
 from alchq._sessions import SessionSource
-from alchq._util import first_line, safe_url
+from alchq._util import first_line, remember_secrets, safe_url
 from alchq.exceptions import DatabaseUnreachableError, TableMissingError
 from alchq.model import BaseQueue, metadata, task_table
 
@@ -100,6 +100,7 @@ class Binds:
             dialect = self._dialects[engine] = dialect_for(engine)
             dialect.prepare_engine(engine)
             _tracking.install(engine)
+            remember_secrets(engine.url)
         return dialect
 
     def dialect_of(self, session: Session, model: type[BaseQueue]) -> Dialect:

@@ -7,14 +7,14 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from alchq import _prune
 from alchq._binds import Binds, engine_of, table_missing
 from alchq._imports import import_model
 from alchq._sessions import SessionSource, resolve
-from alchq._util import first_line, safe_url
+from alchq._util import first_line, fix_userinfo, mask_urls_in, remember_secrets, safe_url
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError, DatabaseError
 from alchq.model import BaseQueue, Status, task_table, ticks_table
@@ -39,28 +39,31 @@ def load_models(refs: Sequence[str]) -> list[type[BaseQueue]]:
 
 
 def make_engine(url: str | None) -> Engine:
+    """The worker's engine for ``url`` (an unencoded ``@`` in the password is allowed)."""
     if not url:
         raise ConfigurationError(
             "no database URL: pass --database-url URL or set ALCHQ_DATABASE_URL"
         )
     try:
-        return create_engine(url)
+        parsed = fix_userinfo(make_url(url))
+        remember_secrets(parsed)
+        # Statement parameters are task data: never in an error message.
+        return create_engine(parsed, hide_parameters=True)
     except NoSuchModuleError as exc:
-        raise ConfigurationError(f"unknown database URL scheme in {_hide(url)}: {exc}") from None
+        raise ConfigurationError(
+            f"unknown database URL scheme in {_hide(url)}: {mask_urls_in(str(exc))}"
+        ) from None
     except ArgumentError as exc:
-        raise ConfigurationError(f"bad database URL {_hide(url)}: {exc}") from None
+        raise ConfigurationError(
+            f"bad database URL {_hide(url)}: {mask_urls_in(str(exc))}"
+        ) from None
     except ModuleNotFoundError as exc:
         hint = " (pip install 'alchq[postgres]')" if "psycopg" in str(exc.name) else ""
         raise ConfigurationError(f"database driver {exc.name!r} is not installed{hint}") from None
 
 
 def _hide(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"
+    return safe_url(url)
 
 
 def run_worker(

@@ -16,6 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from alchq import _text
 from alchq._binds import Binds
 from alchq._held import Held
 from alchq._outcome import PROCESSED, Kind, Outcome, failed
@@ -54,7 +55,8 @@ class Executor:
             if held.dialect.is_transient(exc):
                 return Outcome(Kind.RELEASE, away=True), None
             tb = traceback.format_exc()
-            return Outcome(Kind.ERROR, exc, tb, detail=f"row could not be loaded: {exc}"), None
+            detail = f"row could not be loaded: {_text.one_line(_text.message(exc))}"
+            return Outcome(Kind.ERROR, exc, tb, detail=detail), None
         if task is None:
             return Outcome(Kind.GONE), None
         held.failures = int(task.alchq_failures or 0)

@@ -29,7 +29,7 @@ class Held:
     """One claimed task, from its claim until its outcome is recorded.
 
     Written by the task's own thread; the monitor thread reads it, and sets
-    ``interrupt``, ``hard_deadline`` and ``lost``.
+    ``interrupt`` and ``hard_deadline``.
     """
 
     model: type[BaseQueue]
@@ -47,7 +47,6 @@ class Held:
     interrupt: str | None = None
     #: monotonic time after which the monitor stops the process itself.
     hard_deadline: float | None = None
-    lost: bool = False
     #: failed runs before this one (for the retry policy).
     failures: int = 0
 

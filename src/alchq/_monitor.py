@@ -24,11 +24,16 @@ _TICK = 0.1
 
 
 class Monitor:
-    """Background thread of one worker: heartbeats and time limits of the task in hand."""
+    """Background thread of one worker: its heartbeat, and the time limits of the task in hand.
+
+    The heartbeat runs every ``heartbeat_interval`` whether or not a task is in
+    hand (the worker's registry row says it is alive). Time limits are checked
+    every :data:`_TICK` while a task is held.
+    """
 
     def __init__(
         self,
-        heartbeat: Callable[[Held], bool],
+        heartbeat: Callable[[], None],
         heartbeat_interval: float,
         on_time_limit: Callable[[Held], None],
         on_hard_deadline: Callable[[Held], None],
@@ -44,6 +49,7 @@ class Monitor:
 
     def start(self) -> None:
         if self._thread is None:
+            self._closed = False
             self._thread = threading.Thread(target=self._main, name="alchq-monitor", daemon=True)
             self._thread.start()
 
@@ -73,42 +79,30 @@ class Monitor:
         return self._held
 
     def _main(self) -> None:
-        next_beat = 0.0
-        current: Held | None = None
+        next_beat = time.monotonic() + self._interval
         failing = False
         while True:
             with self._cond:
-                while self._held is None and not self._closed:
-                    self._cond.wait()
+                if self._closed:
+                    return
+                idle = max(0.0, next_beat - time.monotonic())
+                self._cond.wait(_TICK if self._held is not None else idle)
                 if self._closed:
                     return
                 held = self._held
-                assert held is not None
-                if held is not current:
-                    # The claim set the lease; the first renewal is due one interval later.
-                    current, next_beat = held, time.monotonic() + self._interval
-                self._cond.wait(_TICK)
-                if self._held is not held:
-                    continue
             now = time.monotonic()
             try:
-                if held.hard_deadline is not None and now >= held.hard_deadline:
-                    self._on_hard_deadline(held)
-                elif (
-                    held.interrupt is None
-                    and not held.lost
-                    and now - held.started >= held.time_limit
-                ):
-                    self._on_time_limit(held)
-                if now >= next_beat and self._held is held:
+                if held is not None:
+                    if held.hard_deadline is not None and now >= held.hard_deadline:
+                        self._on_hard_deadline(held)
+                    elif held.interrupt is None and now - held.started >= held.time_limit:
+                        self._on_time_limit(held)
+                if now >= next_beat:
                     next_beat = now + self._interval
-                    if not self._heartbeat(held) and self._held is held and not held.lost:
-                        # The outcome write will be refused and say so; one warning is enough.
-                        held.lost = True
-                        logger.debug("%s: lease renewal refused, claim lost", held.label)
+                    self._heartbeat()
                     failing = False
             except Exception as exc:  # the monitor must outlive any one failure
                 # The task's own thread reports a database outage; say it once here.
                 log = logger.debug if failing else logger.warning
-                log("%s: heartbeat failed: %s", held.label, first_line(exc))
+                log("heartbeat failed: %s", first_line(exc))
                 failing = True

@@ -13,15 +13,12 @@ from typing import Any
 
 from sqlalchemy import Table
 
+from alchq import _text
 from alchq._dialects import utc_now
 from alchq._held import Held
 from alchq._transitions import bump, released
 from alchq.model import Status
 from alchq.scheduling import Snooze
-
-#: Longest error message and traceback kept on a row (MySQL TEXT holds 64 KiB).
-MAX_MESSAGE = 4_000
-MAX_TRACEBACK = 60_000
 
 
 class Kind(enum.Enum):
@@ -64,6 +61,12 @@ class Outcome:
             return Status(self.kind.value)
         return Status.PENDING
 
+    def describe(self) -> str | None:
+        """What the log line says of this outcome: the detail, or the exception in one line."""
+        if self.detail is not None:
+            return self.detail
+        return None if self.exc is None else _text.describe(self.exc)
+
     @property
     def failed(self) -> bool:
         """Does this run count as a failure (``alchq_failures``)? A snooze does not."""
@@ -81,16 +84,11 @@ class Outcome:
             values["alchq_finished_at"] = utc_now()
         if self.failed:
             assert self.exc is not None
-            cls = type(self.exc)
-            name = (
-                cls.__qualname__
-                if cls.__module__ == "builtins"
-                else f"{cls.__module__}.{cls.__qualname__}"
-            )
+            # Whatever the exception carries, cleaned: it must not break this write.
             values["alchq_failures"] = bump(table.c.alchq_failures)
-            values["alchq_error_type"] = name[:255]
-            values["alchq_error_message"] = str(self.exc)[:MAX_MESSAGE]
-            values["alchq_traceback"] = (self.traceback or "")[-MAX_TRACEBACK:]
+            values["alchq_error_type"] = _text.type_name(self.exc)
+            values["alchq_error_message"] = _text.message(self.exc)
+            values["alchq_traceback"] = _text.traceback_text(self.traceback)
         elif self.status is Status.PROCESSED:
             values.update(alchq_error_type=None, alchq_error_message=None, alchq_traceback=None)
         return values

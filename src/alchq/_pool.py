@@ -391,7 +391,8 @@ class _Supervisor:
             # Only note it: the loop passes it on (never half-way through a spawn).
             self._requests.append(f"{_signal_name(signum)} received")
 
-        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, on_stop) for sig in stops}
         try:
             yield
         finally:

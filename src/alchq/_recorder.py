@@ -10,8 +10,8 @@ The recorder is the only stage that commits an outcome. It takes an
 - then, after the commit: the task object is refreshed, the log line written,
   and ``error()`` called for a task that ended in ERROR.
 
-It also writes the heartbeat and the last-resort ends of a claim from the
-monitor thread, on connections of their own.
+It also writes the last-resort ends of a claim from the monitor thread, on
+connections of their own.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from alchq import _text
 from alchq._binds import Binds, Outage
 from alchq._held import Held
 from alchq._monitor import Monitor
 from alchq._outcome import Kind, Outcome
 from alchq._sessions import SessionSource
-from alchq._transitions import lease_values, released
+from alchq._transitions import released
 from alchq._util import first_line
 from alchq.config import Settings
 from alchq.model import BaseQueue, Status
@@ -129,13 +130,10 @@ class Recorder:
             # Written by SQL expressions: read back on access.
             computed = ("alchq_finished_at", "time_updated", "alchq_lease_until", "alchq_worker")
             session.expire(task, [*computed, "run_at", "alchq_failures"])
-        detail = outcome.detail
-        if outcome.exc is not None and detail is None:
-            detail = f"{type(outcome.exc).__name__}: {outcome.exc}"
         if outcome.status is Status.PENDING:
             log_again(held, outcome)
         else:
-            log_end(held, outcome.status, detail)
+            log_end(held, outcome.status, outcome.describe())
         if outcome.kind is Kind.ERROR and task is not None and outcome.exc is not None:
             self._call_error(session, task, outcome.exc, held.label)
 
@@ -165,7 +163,7 @@ class Recorder:
         except Exception as err:
             with contextlib.suppress(Exception):
                 session.rollback()
-            logger.error("%s: error() raised %s: %s", label, type(err).__name__, err)
+            logger.error("%s: error() raised %s", label, _text.describe(err))
             logger.debug("error() traceback", exc_info=True)
 
     # -- the database was away: outcomes written later ---------------------------------
@@ -262,20 +260,12 @@ class Recorder:
             )
             return
         if ok and outcome.kind is not Kind.RELEASE:
-            log_end(held, outcome.status, f"{type(outcome.exc).__name__}: {outcome.exc}")
+            log_end(held, outcome.status, outcome.describe())
             # A retried outcome (PENDING again) calls no error(): only the last failure does.
             if call_error and outcome.kind is Kind.ERROR and outcome.exc is not None:
                 self.error_in_new_session(held, outcome.exc)
         elif ok:
             logger.info("%s released: back to PENDING", held.label)
-
-    def heartbeat(self, held: Held) -> bool:
-        """Renew the lease (monitor thread); False if the claim is no longer ours."""
-        with held.engine.connect() as conn:
-            with held.dialect.short_lock_wait(conn, 1.0):
-                ok = _write(conn, held, lease_values(self.settings.lease))
-                conn.commit()
-        return ok
 
 
 def _write(conn: Connection, held: Held, values: dict[str, Any]) -> bool:
@@ -299,14 +289,13 @@ def log_again(held: Held, outcome: Outcome) -> None:
         return
     policy = held.model.alchq_retry
     logger.warning(
-        "%s failed in %.3fs (attempt %d of %d), retrying in %.1fs: %s: %s",
+        "%s failed in %.3fs (attempt %d of %d), retrying in %.1fs: %s",
         held.label,
         duration,
         held.failures + 1,
         policy.attempts if policy is not None else 1,
         outcome.again_in,
-        type(outcome.exc).__name__,
-        outcome.exc,
+        outcome.describe(),
         extra=extra,
     )
 

@@ -1,10 +1,12 @@
 """Rescue: claims whose worker was lost go back to PENDING, or end after too many losses.
 
-Every worker runs it between tasks, every ``rescue_interval``: one conditional
-statement puts PROCESSING rows whose lease expired back to PENDING with
-``alchq_lost_claims + 1``; a row lost ``max_lost_claims`` times is claimed by
-the rescuer instead, which ends it in ERROR with :class:`alchq.WorkerLostError`
-and calls its error() once.
+Every worker runs it between tasks, every ``rescue_interval``. A claim is lost
+when its lease (set when it was claimed) has run out *and* its worker is gone:
+no fresh row in the worker registry, and, for a worker on this machine, no
+such process alive and running. One conditional statement then puts those
+rows back to PENDING with ``alchq_lost_claims + 1``; a row lost
+``max_lost_claims`` times is claimed by the rescuer instead, which ends it in
+ERROR with :class:`alchq.WorkerLostError` and calls its error() once.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from alchq._held import Held, label
 from alchq._monitor import Monitor
 from alchq._outcome import Kind, Outcome
 from alchq._recorder import Recorder
+from alchq._registry import alive_here, forget_gone, lost_owners, owner_alive
 from alchq._transitions import bump, claim_values, expired, released
 from alchq.config import Settings
 from alchq.exceptions import WorkerLostError
-from alchq.model import BaseQueue, task_table
+from alchq.model import BaseQueue, task_table, workers_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -63,9 +66,21 @@ class Rescuer:
             c = table.c
             engine = self.binds.engine(session, model)
             dialect = self.binds.dialect(engine)
-            lease_out = expired(table)
+            workers = workers_table(table.metadata)
             max_lost = int(self.settings.max_lost_claims)
             try:
+                conn = self.binds.connection(session, model)
+                owners = lost_owners(conn, table, expired(table))
+                forget_gone(conn, table)
+                session.commit()
+                if not owners:
+                    self.binds.connected = True
+                    return
+                # Alive on this machine, whatever its heartbeat says: not lost.
+                alive = alive_here(owners)
+                lease_out = expired(table) & ~owner_alive(table, workers)
+                if alive:
+                    lease_out &= c.alchq_worker.is_(None) | c.alchq_worker.not_in(alive)
                 back = dialect.claim(
                     self.binds.connection(session, model),
                     table,

@@ -151,7 +151,7 @@ class Stopper:
 
     @contextlib.contextmanager
     def signal_handlers(self) -> Iterator[None]:
-        """SIGINT/SIGTERM stop the worker gracefully; SIGALRM delivers interrupts.
+        """SIGINT/SIGTERM/SIGHUP stop the worker gracefully; SIGALRM delivers interrupts.
 
         Only the main thread can receive signals; elsewhere the worker relies
         on :meth:`stop` and the monitor thread.
@@ -165,7 +165,9 @@ class Stopper:
             name = signal.Signals(signum).name
             held = self.monitor.held
             if not self.stopping:
-                self.stop()
+                # The grace clock starts now, whatever the worker is doing: a
+                # task it claims from here on is released at once, not run.
+                self.stop_within(self.settings.grace_period)
                 if held is None:
                     logger.info("%s received, stopping", name)
                     return
@@ -175,7 +177,6 @@ class Stopper:
                     held.label,
                     self.settings.grace_period,
                 )
-                self.stop_within(self.settings.grace_period)
                 return
             self.stop_now(f"{name} received again")
 
@@ -193,9 +194,12 @@ class Stopper:
             if callable(chained):
                 chained(signum, frame)
 
+        # SIGHUP (a closed terminal, a supervisor's reload) stops the worker
+        # gracefully too, rather than killing it mid-task.
         for sig, handler in (
             (signal.SIGINT, on_stop),
             (signal.SIGTERM, on_stop),
+            (signal.SIGHUP, on_stop),
             (signal.SIGALRM, on_alarm),
         ):
             previous[sig] = signal.signal(sig, handler)

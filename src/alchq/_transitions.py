@@ -59,11 +59,6 @@ def released() -> dict[str, Any]:
     }
 
 
-def lease_values(lease: float) -> dict[str, Any]:
-    """A heartbeat: the claim's lease, renewed."""
-    return {"alchq_lease_until": utc_now(lease)}
-
-
 def still_ours(table: Table, worker_id: str, token: int) -> ColumnElement[bool]:
     """The fence of every write that ends or renews a claim: PROCESSING, our owner, our token."""
     c = table.c

@@ -69,29 +69,28 @@ class Settings:
     prune_batch_size: int = 1000
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.name in _PRUNE_PARSERS:
-                continue  # they can also say "never"/"off": checked below
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigurationError(f"{f.name} must be a positive number, got {value!r}")
+        for name, (high, whole) in RANGES.items():
+            value = getattr(self, name)
+            what = "a whole number" if whole else "a number of seconds"
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)  # NaN busy-loops, infinity overflows
+                or not 0 < value <= high
+                or (whole and int(value) != value)
+            ):
+                raise ConfigurationError(
+                    f"{name} must be {what} more than 0 and at most {high:g}, got {value!r}"
+                )
         if self.heartbeat_interval * 2 > self.lease:
             raise ConfigurationError(
                 f"lease ({self.lease}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}s), or live tasks would look lost"
             )
-        if int(self.max_lost_claims) != self.max_lost_claims:
-            raise ConfigurationError(
-                f"max_lost_claims must be a whole number, got {self.max_lost_claims!r}"
-            )
         # Normalised in place (timedelta or "7d" -> seconds, "never"/"off" -> None),
         # so code reading a Settings only ever sees float | None.
         for name, parse in _PRUNE_PARSERS.items():
             object.__setattr__(self, name, parse(getattr(self, name), name))
-        if not float(self.prune_batch_size).is_integer():
-            raise ConfigurationError(
-                f"prune_batch_size must be a whole number, got {self.prune_batch_size!r}"
-            )
         object.__setattr__(self, "prune_batch_size", int(self.prune_batch_size))
 
     @classmethod
@@ -115,6 +114,22 @@ class Settings:
         return replace(cls(), **values)
 
 
+HOUR = 3_600.0
+#: The range of each numeric setting: (largest value, whole numbers only). Every
+#: value must be finite and more than 0; lease is also at least twice the heartbeat.
+RANGES: dict[str, tuple[float, bool]] = {
+    "poll_interval": (HOUR, False),
+    "max_backoff": (HOUR, False),
+    "heartbeat_interval": (HOUR, False),
+    "lease": (7 * DAY, False),
+    "rescue_interval": (DAY, False),
+    "max_lost_claims": (1_000, True),
+    "grace_period": (DAY, False),
+    "kill_after": (HOUR, False),
+    "prune_batch_size": (1_000_000, True),
+}
+
+
 def _load(name: str, key: str, raw: Any) -> Any:
     parse = _PRUNE_PARSERS.get(name)
     return parse(raw, key) if parse is not None else _number(key, raw)
@@ -122,9 +137,12 @@ def _load(name: str, key: str, raw: Any) -> Any:
 
 def _number(key: str, raw: Any) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except (TypeError, ValueError):
         raise ConfigurationError(f"{key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{key} must be a finite number, got {raw!r}")
+    return value
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3_600.0, "d": DAY, "w": 7 * DAY}

@@ -12,6 +12,7 @@ Two forms work::
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -179,6 +180,10 @@ class BaseQueue:
     #: Seconds a run may take before it is interrupted and ends in ERROR
     #: with :class:`alchq.TaskTimeoutError`. Override per model.
     alchq_time_limit: ClassVar[float] = 3600.0
+
+    #: Seconds ``error()`` may take before it is interrupted (it has its own
+    #: time, apart from run()'s). Override per model.
+    alchq_error_time_limit: ClassVar[float] = 60.0
 
     #: Built-in retries: an :class:`alchq.Retry`, or None (the seed's behaviour:
     #: ERROR at the first failure).
@@ -366,6 +371,7 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         return
     if getattr(cls, "alchq_periodic", None):
         ticks_table(table.metadata)
+    workers_table(table.metadata)
     ready = f"ix_{table.name}_alchq_ready"
     if any(ix.name == ready for ix in table.indexes):
         return
@@ -444,6 +450,38 @@ def ticks_table(metadata: MetaData) -> Table:
     )
 
 
+def workers_table(metadata: MetaData) -> Table:
+    """The worker registry (one per metadata): a row per live worker, renewed by its heartbeat.
+
+    A claim stays alive while its worker's row here is fresh. The heartbeat
+    writes this row, never the task's, which run()'s own transaction may hold
+    (or, under REPEATABLE READ and SERIALIZABLE, must not see change).
+    """
+    key = f"{metadata.schema}.alchq_workers" if metadata.schema else "alchq_workers"
+    existing = metadata.tables.get(key)
+    if existing is not None:
+        return existing
+    return Table(
+        "alchq_workers",
+        metadata,
+        Column("id", String(255), nullable=False),
+        Column("host", String(255), nullable=False),
+        Column("pid", Integer, nullable=False),
+        # Where the process runs (boot id and pid namespace) and when it started:
+        # a rescuer on the same machine can ask the operating system if it lives.
+        Column("node", String(255), nullable=True),
+        Column("process_start", String(64), nullable=True),
+        Column("supervisor", String(255), nullable=True),
+        Column("models", Text, nullable=False),
+        Column("version", String(32), nullable=False),
+        Column("started_at", UTCDateTime(), server_default=utc_now(), nullable=False),
+        Column("heartbeat_at", UTCDateTime(), server_default=utc_now(), nullable=False),
+        Column("expires_at", UTCDateTime(), nullable=False),
+        Column("in_hand", Integer, server_default="0", nullable=False),
+        PrimaryKeyConstraint("id", name="pk_alchq_workers"),
+    )
+
+
 def _check_name(table: Table, name: str) -> str:
     """A CHECK constraint name unique per database (MySQL requires it) with or without
     a naming convention in the table's metadata."""
@@ -477,6 +515,17 @@ def check_task_model(model: object) -> type[BaseQueue]:
         raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
     if len(mapper.primary_key) == 0:
         raise TaskDefinitionError(f"{model.__name__} has no primary key")
+    for attr in ("alchq_time_limit", "alchq_error_time_limit"):
+        seconds = getattr(model, attr)
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise TaskDefinitionError(
+                f"{model.__name__}.{attr} must be a number of seconds more than 0, got {seconds!r}"
+            )
     if model.alchq_retry is not None and not isinstance(model.alchq_retry, Retry):
         raise TaskDefinitionError(
             f"{model.__name__}.alchq_retry must be an alchq.Retry or None, "

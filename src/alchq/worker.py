@@ -26,6 +26,7 @@ Transactions per task (no lock is held while ``run()`` runs)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -47,6 +48,7 @@ from alchq._monitor import Monitor
 from alchq._prune import prune_periodically
 from alchq._recorder import Recorder
 from alchq._recovery import Rescuer
+from alchq._registry import Registry
 from alchq._scheduler import Scheduler
 from alchq._sessions import SessionSource, flask_app, resolve
 from alchq._stopping import EXIT_INTERRUPTED, Stopper, WorkerShutdown
@@ -104,16 +106,21 @@ class Worker:
             raise TypeError("Worker needs at least one BaseQueue model")
         self.models = [check_task_model(m) for m in models]
         self.source: SessionSource = resolve(session_factory, engine)
-        self.settings = settings or Settings.load(
-            {"poll_interval": poll_interval}, app_config=self.source.app_config
-        )
+        if settings is None:
+            settings = Settings.load(
+                {"poll_interval": poll_interval}, app_config=self.source.app_config
+            )
+        elif poll_interval is not None:  # the explicit argument wins, as everywhere
+            settings = dataclasses.replace(settings, poll_interval=poll_interval)
+        self.settings = settings
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._app = flask_app()
         self._next_prune = 0.0
         self._waiter = Waiter()
         self._binds = Binds(self.source)
+        self._registry = Registry(self.id, self._binds, self.settings, self.models)
         self._monitor = Monitor(
-            heartbeat=lambda held: self._recorder.heartbeat(held),
+            heartbeat=self._registry.heartbeat,
             heartbeat_interval=self.settings.heartbeat_interval,
             on_time_limit=lambda held: self._stopper.time_limit_reached(held),
             on_hard_deadline=lambda held: self._stopper.hard_deadline_reached(held),
@@ -167,6 +174,7 @@ class Worker:
         """Claim and run at most one ready task; return it, or None. Never waits."""
         with self._running():
             self._recorder.settle_deferred()
+            self._registry.register()
             self._rescuer.maybe_rescue(self.models)
             for model in self.models:
                 claimed, task = self._process(model, keep=True)
@@ -200,6 +208,7 @@ class Worker:
                     break
                 progressed = False
                 try:
+                    self._registry.register()  # once: a worker is known before it claims
                     self._rescuer.maybe_rescue(self.models)
                     self._maybe_prune()
                     for model in self.models:
@@ -246,6 +255,7 @@ class Worker:
             self._stopper.close()
             self._scheduler.close()
             self._monitor.close()
+            self._registry.deregister()
 
     def _maybe_prune(self) -> None:
         """Every prune_interval (off by default), delete old finished tasks, between tasks.
@@ -268,6 +278,11 @@ class Worker:
             claims = self._claimer.claim(session, model, limit=1)
             if not claims:
                 return False, None
+            if self.stopping:
+                # Claimed as the worker was told to stop: not run, back at once.
+                for claim in claims:
+                    self._recorder.release(session, self._held(session, model, claim))
+                return False, None
             task = self._execute(session, model, claims[0])
             return True, task
         except BaseException:
@@ -281,9 +296,9 @@ class Worker:
             elif self.source.scoped is None:
                 _detach(session, task)
 
-    def _execute(self, session: Session, model: type[BaseQueue], claim: Claim) -> BaseQueue | None:
+    def _held(self, session: Session, model: type[BaseQueue], claim: Claim) -> Held:
         engine = self._binds.engine(session, model)
-        held = Held(
+        return Held(
             model=model,
             claim=claim,
             worker_id=self.id,
@@ -292,13 +307,18 @@ class Worker:
             dialect=self._binds.dialect(engine),
             time_limit=float(model.alchq_time_limit),
         )
+
+    def _execute(self, session: Session, model: type[BaseQueue], claim: Claim) -> BaseQueue | None:
+        held = self._held(session, model, claim)
         self._monitor.hold(held)
+        self._registry.in_hand = 1
         try:
             outcome, task = self._executor.run(session, held)
             self._recorder.record(session, held, outcome, task)
         finally:
             if not self._recorder.holds(held):
                 self._monitor.drop(held)
+                self._registry.in_hand = 0
         if isinstance(outcome.exc, WorkerShutdown):
             raise outcome.exc
         return task
