@@ -89,9 +89,32 @@ class Binds:
     def engine(self, session: Session, model: type[BaseQueue]) -> Engine:
         return engine_of(session, model)
 
-    def connection(self, session: Session, model: type[BaseQueue]) -> Connection:
-        """The session's connection for ``model`` (begins its transaction if none)."""
-        return session.connection(bind_arguments={"mapper": inspect(model)})
+    def connection(
+        self, session: Session, model: type[BaseQueue], *, bookkeeping: bool = False
+    ) -> Connection:
+        """The session's connection for ``model`` (begins its transaction if none).
+
+        ``bookkeeping``: a transaction of alchq's own (a claim, a rescue, an
+        outcome written apart from run()): it gets the dialect's isolation level
+        when it begins here.
+        """
+        mapper = inspect(model)
+        if bookkeeping and not session.in_transaction():
+            level = self.dialect(self.engine(session, model)).bookkeeping_isolation
+            if level is not None:
+                return session.connection(
+                    bind_arguments={"mapper": mapper},
+                    execution_options={"isolation_level": level},
+                )
+        return session.connection(bind_arguments={"mapper": mapper})
+
+    def connect(self, engine: Engine) -> Connection:
+        """A connection of alchq's own on ``engine``, at the bookkeeping isolation level."""
+        conn = engine.connect()
+        level = self.dialect(engine).bookkeeping_isolation
+        if level is not None:
+            conn.execution_options(isolation_level=level)
+        return conn
 
     def dialect(self, engine: Engine) -> Dialect:
         """The engine's dialect; the first call prepares the engine."""
@@ -105,6 +128,15 @@ class Binds:
 
     def dialect_of(self, session: Session, model: type[BaseQueue]) -> Dialect:
         return self.dialect(self.engine(session, model))
+
+    def reachable(self, engine: Engine) -> bool:
+        """Does the database answer a fresh connection right now?"""
+        try:
+            with self.connect(engine) as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except DBAPIError:
+            return False
+        return True
 
     def is_transient(self, exc: BaseException) -> bool:
         """Is ``exc`` the database being away, by the rules of any engine in use?"""

@@ -34,7 +34,7 @@ class Claimer:
         try:
             dialect = self.binds.dialect(engine)
             claims = dialect.claim(
-                self.binds.connection(session, model),
+                self.binds.connection(session, model, bookkeeping=True),
                 table,
                 ready=ready(table),
                 order_by=claim_order(table),

@@ -2,8 +2,16 @@
 
 The executor loads the task in its session, calls ``run()`` and flushes what
 run() changed. It never commits and never records: the recorder does, with the
-outcome this returns on every path (processed, failed, retried, snoozed,
-released, or the database away).
+outcome this returns on every path. How a run that raised ends is decided from
+what is known, not guessed from the exception's type:
+
+- a database error raised on the task's *own* connection that is the database
+  being away (a lost connection, a read-only window) is not the task's fault:
+  the task goes back to PENDING once the database is back, counting nothing;
+- but a lost connection while the database is up (a server-side timeout, a
+  killed backend) counts as a lost claim, so a task that keeps losing it ends;
+- anything else run() raises, from any other connection too, is the task's
+  failure: counted, retried by the model's policy, or ERROR and error().
 """
 
 from __future__ import annotations
@@ -13,17 +21,17 @@ import logging
 import traceback
 
 from sqlalchemy import inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq import _text
 from alchq._binds import Binds
-from alchq._held import Held
-from alchq._outcome import PROCESSED, Kind, Outcome, failed
-from alchq._stopping import WorkerShutdown
+from alchq._held import Held, WorkerShutdown
+from alchq._outcome import PROCESSED, Kind, Outcome, Ran, failed, lost_connection
 from alchq._tracking import RunWatch
+from alchq.config import Settings
 from alchq.exceptions import TaskFailure
-from alchq.model import MAX_COUNTER, BaseQueue, Status
+from alchq.model import MAX_COUNTER, BaseQueue
 
 logger = logging.getLogger("alchq.worker")
 
@@ -31,11 +39,12 @@ logger = logging.getLogger("alchq.worker")
 class Executor:
     """Runs tasks in the sessions it is given."""
 
-    def __init__(self, binds: Binds) -> None:
+    def __init__(self, binds: Binds, settings: Settings) -> None:
         self.binds = binds
+        self.settings = settings
 
-    def run(self, session: Session, held: Held) -> tuple[Outcome, BaseQueue | None]:
-        """Load and run ``held``'s task; return its outcome and the task (if it loaded)."""
+    def run(self, session: Session, held: Held) -> Ran:
+        """Load and run ``held``'s task; say how it ended."""
         model, claim = held.model, held.claim
         logger.info(
             "%s started (attempt %d)",
@@ -52,48 +61,96 @@ class Executor:
         except Exception as exc:  # a row whose columns cannot be loaded
             with contextlib.suppress(Exception):
                 session.rollback()
-            if held.dialect.is_transient(exc):
-                return Outcome(Kind.RELEASE, away=True), None
-            tb = traceback.format_exc()
-            detail = f"row could not be loaded: {_text.one_line(_text.message(exc))}"
-            return Outcome(Kind.ERROR, exc, tb, detail=detail), None
+            return Ran(self._unloadable(held, exc), None, session)
         if task is None:
-            return Outcome(Kind.GONE), None
+            return Ran(Outcome(Kind.GONE), None, session)
         held.failures = int(task.alchq_failures or 0)
+        held.lost_claims = int(task.alchq_lost_claims or 0)
         if claim.token >= MAX_COUNTER:
             # Only a hand-edited row gets here; its token no longer fences anything.
             bad = TaskFailure(f"alchq_attempts reached its maximum ({MAX_COUNTER}); not run")
-            return Outcome(Kind.ERROR, bad, None), task
+            return Ran(Outcome(Kind.ERROR, bad, None), task, session)
         dbapi = self.binds.connection(session, model).connection.dbapi_connection
-        with RunWatch(dbapi) as watch:
+        raised: BaseException | None = None
+        tb: str | None = None
+        changed: list[str] = []
+        with RunWatch(session, dbapi) as watch:
             try:
                 try:
                     held.in_run = True
                     task.run()
                 finally:
                     held.in_run = False
-                keep_status(task)
-                session.flush()
-            except WorkerShutdown as exc:
-                with contextlib.suppress(Exception):
-                    session.rollback()
-                return Outcome(Kind.RELEASE, exc), task
+                session = self._current(session)
+                changed = owned_changes(task, session)
+                if not changed:
+                    session.flush()
             except BaseException as exc:
                 # Everything run() raises ends the task, Ctrl-C and sys.exit()
                 # included: real signals reach the worker through its handlers.
-                tb = traceback.format_exc()
-                with contextlib.suppress(Exception):
-                    session.rollback()
-                if held.dialect.is_transient(exc):
-                    return Outcome(Kind.RELEASE, exc, away=True), task
-                return failed(held, exc, tb), task
-        if watch.writes:
-            return Outcome(Kind.PROCESSED, had_writes=True), task
-        return PROCESSED, task
+                raised, tb = exc, traceback.format_exc()
+                session = self._current(session)
+        with contextlib.suppress(Exception):
+            if raised is not None or changed:
+                session.rollback()
+        if raised is not None:
+            return Ran(self._after_raise(held, raised, tb, watch), task, session)
+        if changed:
+            bad = TaskFailure(
+                f"run() changed {', '.join(changed)}: alchq's own columns are alchq's "
+                "(its other changes were rolled back)"
+            )
+            return Ran(Outcome(Kind.ERROR, bad, None), task, session)
+        if task not in session:
+            logger.warning(
+                "%s: run() closed its session or removed the task from it%s",
+                held.label,
+                f"; {watch.discarded} uncommitted statement(s) were discarded"
+                if watch.discarded
+                else "",
+            )
+        if watch.statements:
+            return Ran(Outcome(Kind.PROCESSED, had_writes=True), task, session)
+        return Ran(PROCESSED, task, session)
+
+    def _current(self, session: Session) -> Session:
+        """The task's session now: run() may have removed Flask-SQLAlchemy's and used a new one."""
+        scoped = self.binds.source.scoped
+        return scoped() if scoped is not None else session
+
+    def _unloadable(self, held: Held, exc: Exception) -> Outcome:
+        if held.dialect.is_transient(exc):
+            return Outcome(Kind.RELEASE, away=True)
+        if isinstance(exc, DBAPIError) and held.dialect.is_schema_mismatch(exc):
+            return Outcome(Kind.MISMATCH, exc)
+        tb = traceback.format_exc()
+        detail = f"row could not be loaded: {_text.one_line(_text.message(exc))}"
+        return Outcome(Kind.ERROR, exc, tb, detail=detail)
+
+    def _after_raise(
+        self, held: Held, exc: BaseException, tb: str | None, watch: RunWatch
+    ) -> Outcome:
+        if isinstance(exc, WorkerShutdown):
+            return Outcome(Kind.RELEASE, exc)
+        own = watch.owns(exc)
+        if watch.lost:
+            # The task's own connection was lost. The database down: wait for it
+            # and run the task again. The database up: a lost claim, counted.
+            if not self.binds.reachable(held.engine):
+                return Outcome(Kind.RELEASE, exc, away=True)
+            return lost_connection(held, exc, int(self.settings.max_lost_claims))
+        if own and held.dialect.is_transient(exc):
+            return Outcome(Kind.RELEASE, exc, away=True)  # e.g. a read-only window
+        return failed(held, exc, tb)
 
 
-def keep_status(task: BaseQueue) -> None:
-    """The worker owns ``status``: drop a change run() made to it."""
-    history = inspect(task).attrs.status.history
-    if history.has_changes():
-        set_committed_value(task, "status", Status.PROCESSING)
+def owned_changes(task: BaseQueue, session: Session) -> list[str]:
+    """alchq's own columns that run() changed on the task (``status``, ``alchq_*``)."""
+    if task not in session:
+        return []
+    state = inspect(task)
+    return [
+        attr.key
+        for attr in state.attrs
+        if (attr.key == "status" or attr.key.startswith("alchq_")) and attr.history.has_changes()
+    ]

@@ -14,6 +14,13 @@ from alchq._transitions import still_ours
 from alchq.model import BaseQueue
 
 
+class WorkerShutdown(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
+    """Raised into ``run()`` when the worker must stop now (second signal, grace expired).
+
+    A BaseException so that a task's ``except Exception`` does not swallow it.
+    """
+
+
 def key_of(pk: tuple[Any, ...]) -> Any:
     """A primary key as ``Session.get`` takes it: the value, or a tuple for composite keys."""
     return pk[0] if len(pk) == 1 else pk
@@ -47,8 +54,25 @@ class Held:
     interrupt: str | None = None
     #: monotonic time after which the monitor stops the process itself.
     hard_deadline: float | None = None
-    #: failed runs before this one (for the retry policy).
+    #: failed runs before this one (for the retry policy), read when it loaded.
     failures: int = 0
+    #: claims lost before this one, read when it loaded.
+    lost_claims: int = 0
+    #: "run" while run() is called, "error" while error() is.
+    phase: str = "run"
+
+    def enter_error(self, time_limit: float) -> None:
+        """From run() to error(): error() has its own time."""
+        self.phase = "error"
+        self.time_limit = time_limit
+        self.started = time.monotonic()
+        self.interrupt = None
+        self.hard_deadline = None
+
+    @property
+    def what(self) -> str:
+        """``MyTask 42`` or ``error() of MyTask 42``: what runs, for log lines."""
+        return self.label if self.phase == "run" else f"error() of {self.label}"
 
     @property
     def label(self) -> str:

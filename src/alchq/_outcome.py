@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table
+from sqlalchemy.orm import Session
 
 from alchq import _text
 from alchq._dialects import utc_now
 from alchq._held import Held
 from alchq._transitions import bump, released
-from alchq.model import Status
-from alchq.scheduling import Snooze
+from alchq.exceptions import WorkerLostError
+from alchq.model import BaseQueue, Status
+from alchq.scheduling import Retry, Snooze
 
 
 class Kind(enum.Enum):
@@ -35,6 +37,12 @@ class Kind(enum.Enum):
     RELEASE = "RELEASE"
     #: the row was deleted after it was claimed: nothing to record
     GONE = "GONE"
+    #: the database lost the run (its connection, while the database was up):
+    #: PENDING again, one more lost claim
+    LOST = "LOST"
+    #: the row cannot be loaded because the model and the table disagree (a
+    #: deploy in progress): PENDING again, left for a worker whose code matches
+    MISMATCH = "MISMATCH"
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Outcome:
     had_writes: bool = False
     #: RELEASE: the database went away during the run; record once it is back.
     away: bool = False
+    #: ERROR: also counts a lost claim (the last of a task's lost connections).
+    lost: bool = False
 
     @property
     def status(self) -> Status:
@@ -74,14 +84,20 @@ class Outcome:
 
     def values(self, table: Table) -> dict[str, Any]:
         """The row's new column values."""
-        if self.kind is Kind.RELEASE:
+        if self.kind in (Kind.RELEASE, Kind.MISMATCH):
             return released()
+        if self.kind is Kind.LOST:
+            return {**released(), "alchq_lost_claims": bump(table.c.alchq_lost_claims)}
         values: dict[str, Any] = {"status": self.status, "time_updated": utc_now()}
         if self.status is Status.PENDING:
             values.update(released())
             values["run_at"] = utc_now(self.again_in or 0.0)
         else:
             values["alchq_finished_at"] = utc_now()
+            # No lease left. (The recorder gives an ERROR one for its error() call.)
+            values["alchq_lease_until"] = None
+        if self.lost:
+            values["alchq_lost_claims"] = bump(table.c.alchq_lost_claims)
         if self.failed:
             assert self.exc is not None
             # Whatever the exception carries, cleaned: it must not break this write.
@@ -94,8 +110,22 @@ class Outcome:
         return values
 
 
+@dataclass
+class Ran:
+    """A run's outcome, its task object (if it loaded) and the session to record it in."""
+
+    outcome: Outcome
+    task: BaseQueue | None
+    session: Session
+
+
 PROCESSED = Outcome(Kind.PROCESSED)
 RELEASE = Outcome(Kind.RELEASE)
+
+
+#: How a run that lost to a concurrent transaction (a serialization failure, a
+#: deadlock, a busy SQLite file) is retried when its model has no retry policy.
+CONFLICT_RETRY = Retry(attempts=3, delay=0.5, backoff=2.0, max_delay=10.0, jitter=0.2)
 
 
 def failed(held: Held, exc: BaseException, tb: str | None) -> Outcome:
@@ -103,7 +133,23 @@ def failed(held: Held, exc: BaseException, tb: str | None) -> Outcome:
     if isinstance(exc, Snooze):
         return Outcome(Kind.SNOOZE, exc, None, again_in=exc.seconds)
     policy = held.model.alchq_retry
+    if policy is None and held.dialect.is_conflict(exc):
+        policy = CONFLICT_RETRY
     failures = held.failures + 1
     if policy is not None and policy.retries(exc, failures):
         return Outcome(Kind.RETRY, exc, tb, again_in=policy.wait(failures))
     return Outcome(Kind.ERROR, exc, tb)
+
+
+def lost_connection(held: Held, exc: BaseException, max_lost: int) -> Outcome:
+    """A run whose connection the database dropped while it stayed up: a lost claim,
+    and ERROR once that happened ``max_lost`` times (it would happen forever)."""
+    if held.lost_claims + 1 < max_lost:
+        return Outcome(Kind.LOST, exc)
+    gone = WorkerLostError(
+        f"{held.label} lost its database connection during its run {max_lost} times while "
+        "the database stayed up (a server-side timeout such as "
+        f"idle_in_transaction_session_timeout, or a killed connection); giving up: "
+        f"{_text.describe(exc)}"
+    )
+    return Outcome(Kind.ERROR, gone, None, lost=True)

@@ -134,7 +134,7 @@ def prune_model(
         for status, where in _targets(table, ages):
             while not stop():
                 try:
-                    conn = binds.connection(session, model)
+                    conn = binds.connection(session, model, bookkeeping=True)
                     deleted = dialect.delete_batch(conn, table, where, batch_size)
                     # Commit each batch: locks last one batch, and work done stays done.
                     session.commit()

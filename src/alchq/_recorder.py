@@ -1,17 +1,27 @@
 """Writes what happened: every fenced write, and the commits that make outcomes stick.
 
-The recorder is the only stage that commits an outcome. It takes an
-:class:`~alchq._outcome.Outcome` from the executor and
+The recorder is the only stage that commits an outcome. It takes the executor's
+:class:`~alchq._executor.Ran` and
 
-- writes it with the claim's fence (still PROCESSING, our owner, our token),
-  in the task's own transaction, so run()'s writes and PROCESSED commit together;
-- keeps it when the database is away, and writes it once it is back, after
-  checking whether the lost commit had landed after all (:meth:`settle_deferred`);
-- then, after the commit: the task object is refreshed, the log line written,
-  and ``error()`` called for a task that ended in ERROR.
+- writes the outcome with the claim's fence (still PROCESSING, our owner, our
+  token), in the task's own transaction, so run()'s writes and PROCESSED
+  commit together;
+- when that write is refused, finds out why: the claim was taken over (the
+  outcome is discarded), run() deleted its own row (done: committed), or run()
+  changed alchq's columns (an ERROR for the task);
+- when the write fails, finds out why: the database is away (the outcome is
+  kept and written once it is back, after checking whether the lost commit had
+  landed), the task's own transaction conflicted or was left aborted by run()
+  (the task's failure), or the outcome itself could not be stored (a bare
+  ERROR instead);
+- after the commit: refreshes the task object, writes the log line, and for
+  ERROR calls ``error()`` (below).
 
-It also writes the last-resort ends of a claim from the monitor thread, on
-connections of their own.
+``error()`` runs in its own time (``alchq_error_time_limit``) after ERROR is
+committed. Until it is done the ERROR row keeps a lease (``alchq_lease_until``),
+cleared in error()'s own transaction: so whether error()'s writes were
+committed can always be checked, an error() stopped before committing is
+called again, and one whose worker died is called by a rescuer.
 """
 
 from __future__ import annotations
@@ -23,23 +33,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import ColumnElement, Connection, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq import _text
 from alchq._binds import Binds, Outage
-from alchq._held import Held
+from alchq._dialects import utc_now
+from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
-from alchq._outcome import Kind, Outcome
+from alchq._outcome import CONFLICT_RETRY, Kind, Outcome, Ran, failed, lost_connection
 from alchq._sessions import SessionSource
 from alchq._transitions import released
 from alchq._util import first_line
 from alchq.config import Settings
+from alchq.exceptions import TaskFailure, TaskTimeoutError
 from alchq.model import BaseQueue, Status
 
 logger = logging.getLogger("alchq.worker")
+
+#: Most calls of one task's error() that fail to commit (stopped at its time
+#: limit, or its commit refused) before alchq gives up on it.
+MAX_ERROR_CALLS = 3
+#: How long a model whose table no longer matches its code is left alone.
+MISMATCH_PAUSE = 30.0
 
 
 @dataclass
@@ -49,6 +67,9 @@ class Deferred:
     held: Held
     outcome: Outcome | None  # None: put the task back to PENDING
     had_writes: bool = False
+    #: The database was up when the run's transaction was lost: if its writes
+    #: are gone, that counts as a lost claim.
+    lost: bool = False
 
 
 class Recorder:
@@ -67,17 +88,23 @@ class Recorder:
         self.settings = settings
         self._aborted = aborted
         self.deferred: Deferred | None = None
+        #: Models whose table does not match their code: not claimed until then.
+        self.paused: dict[type[BaseQueue], float] = {}
 
     def holds(self, held: Held) -> bool:
         """Is ``held``'s outcome still waiting for the database (so its claim must be kept)?"""
         return self.deferred is not None and self.deferred.held is held
 
+    def claimable(self, model: type[BaseQueue]) -> bool:
+        """May the worker claim tasks of ``model`` now?"""
+        until = self.paused.get(model)
+        return until is None or time.monotonic() >= until
+
     # -- outcomes ---------------------------------------------------------------------
 
-    def record(
-        self, session: Session, held: Held, outcome: Outcome, task: BaseQueue | None
-    ) -> None:
-        """Persist ``outcome`` of ``held``'s run (whose writes are pending in ``session``)."""
+    def record(self, ran: Ran, held: Held) -> None:
+        """Persist how ``held``'s run ended (its writes are pending in ``ran.session``)."""
+        outcome, session = ran.outcome, ran.session
         if outcome.kind is Kind.GONE:
             session.rollback()
             logger.warning("%s was deleted after it was claimed; skipped", held.label)
@@ -91,30 +118,142 @@ class Recorder:
             self.deferred = Deferred(held, None)
         elif outcome.kind is Kind.RELEASE:
             self.release(session, held)
+        elif outcome.kind is Kind.MISMATCH:
+            self._mismatch(session, held, outcome)
+        elif outcome.kind is Kind.LOST:
+            assert outcome.exc is not None
+            if self._write_apart(session, held, outcome):
+                logger.warning(
+                    "%s: its database connection was lost during run() (%s) while the "
+                    "database stayed up; back to PENDING (lost claims: %d of %d)",
+                    held.label,
+                    first_line(outcome.exc),
+                    held.lost_claims + 1,
+                    int(self.settings.max_lost_claims),
+                )
         else:
-            self._finish(session, held, outcome, task)
+            self._finish(session, held, outcome, ran.task)
 
     def _finish(
-        self, session: Session, held: Held, outcome: Outcome, task: BaseQueue | None
+        self,
+        session: Session,
+        held: Held,
+        outcome: Outcome,
+        task: BaseQueue | None,
+        *,
+        last_try: bool = False,
     ) -> None:
         """Commit ``outcome`` (with what run() flushed) if the claim is still ours."""
-        values = outcome.values(held.table)
+        values = self._values(held, outcome, owes_error=task is not None)
         try:
-            conn = self.binds.connection(session, held.model)
-            if not _write(conn, held, values):
-                session.rollback()
-                logger.warning(
-                    "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
-                    held.label,
-                    outcome.status.value,
-                )
+            # run()'s transaction if it is open, else one of alchq's own.
+            conn = self.binds.connection(session, held.model, bookkeeping=True)
+            if not _write(conn, held, values, self._untouched(held)):
+                self._refused(session, conn, held, outcome, task)
                 return
             session.commit()
         except DBAPIError as exc:
             with contextlib.suppress(Exception):
                 session.rollback()
-            if not held.dialect.is_transient(exc):
-                raise
+            self._write_failed(session, held, outcome, task, exc, last_try=last_try)
+            return
+        self._committed(session, held, outcome, task, values)
+
+    def _values(self, held: Held, outcome: Outcome, owes_error: bool = True) -> dict[str, Any]:
+        values = outcome.values(held.table)
+        if outcome.kind is Kind.ERROR and owes_error:
+            # error() is owed until its own transaction clears this lease.
+            budget = float(held.model.alchq_error_time_limit) + self.settings.kill_after
+            values["alchq_lease_until"] = utc_now(budget)
+        return values
+
+    def _untouched(self, held: Held) -> ColumnElement[bool]:
+        """The row's counters as the run found them: run() must not have changed them."""
+        c = held.table.c
+        return (c.alchq_failures == held.failures) & (c.alchq_lost_claims == held.lost_claims)
+
+    def _committed(
+        self,
+        session: Session,
+        held: Held,
+        outcome: Outcome,
+        task: BaseQueue | None,
+        values: dict[str, Any],
+    ) -> None:
+        """After the outcome's commit: the task object, the log line, error()."""
+        if task is not None and task in session:
+            for key in ("status", "alchq_error_type", "alchq_error_message", "alchq_traceback"):
+                if key in values:
+                    set_committed_value(task, key, values[key])
+            # Written by SQL expressions: read back on access.
+            computed = ("alchq_finished_at", "time_updated", "alchq_lease_until", "alchq_worker")
+            session.expire(task, [*computed, "run_at", "alchq_failures", "alchq_lost_claims"])
+        if outcome.status is Status.PENDING:
+            log_again(held, outcome)
+        else:
+            log_end(held, outcome.status, outcome.describe())
+        if outcome.kind is Kind.ERROR and outcome.exc is not None and task is not None:
+            self.call_error(held, outcome.exc, session)
+
+    def _refused(
+        self,
+        session: Session,
+        conn: Connection,
+        held: Held,
+        outcome: Outcome,
+        task: BaseQueue | None,
+    ) -> None:
+        """The fenced write matched no row: taken over, deleted by run(), or changed by run()."""
+        here = conn.execute(_bookkeeping(held)).one_or_none()
+        with self.binds.connect(held.engine) as fresh:
+            there = fresh.execute(_bookkeeping(held)).one_or_none()
+        if there is None or not _ours(there, held):
+            session.rollback()
+            logger.warning(
+                "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
+                held.label,
+                outcome.status.value,
+            )
+            return
+        if here is None:
+            # run() deleted its own row in its transaction: that is its way of saying done.
+            session.commit()
+            logger.info("%s deleted its own row in run(): done", held.label)
+            return
+        session.rollback()
+        changed = [
+            name
+            for name in ("status", "alchq_worker", "alchq_attempts", "alchq_failures")
+            if getattr(here, name) != getattr(there, name)
+        ] or ["alchq_lost_claims"]
+        bad = TaskFailure(
+            f"run() changed {', '.join(changed)}: alchq's own columns are alchq's "
+            "(its other changes were rolled back)"
+        )
+        self._finish(session, held, Outcome(Kind.ERROR, bad, None), task, last_try=True)
+
+    def _write_failed(
+        self,
+        session: Session,
+        held: Held,
+        outcome: Outcome,
+        task: BaseQueue | None,
+        exc: DBAPIError,
+        *,
+        last_try: bool,
+    ) -> None:
+        """Writing the outcome failed: the database is away, or the task's transaction is
+        beyond saving; each ends differently (the session was rolled back)."""
+        dialect = held.dialect
+        if exc.connection_invalidated or dialect.is_transient(exc):
+            if self.binds.reachable(held.engine):
+                # Only this transaction was lost: settle it now, counting the loss.
+                deferred = Deferred(held, outcome, outcome.had_writes, lost=True)
+                try:
+                    self._settle(deferred)
+                    return
+                except DBAPIError as again:
+                    exc = again
             logger.warning(
                 "%s: could not record %s, the database is away (%s); will retry",
                 held.label,
@@ -123,24 +262,66 @@ class Recorder:
             )
             self.deferred = Deferred(held, outcome, outcome.had_writes)
             return
-        if task is not None:
-            for key in ("status", "alchq_error_type", "alchq_error_message", "alchq_traceback"):
-                if key in values:
-                    set_committed_value(task, key, values[key])
-            # Written by SQL expressions: read back on access.
-            computed = ("alchq_finished_at", "time_updated", "alchq_lease_until", "alchq_worker")
-            session.expire(task, [*computed, "run_at", "alchq_failures"])
-        if outcome.status is Status.PENDING:
-            log_again(held, outcome)
-        else:
-            log_end(held, outcome.status, outcome.describe())
-        if outcome.kind is Kind.ERROR and task is not None and outcome.exc is not None:
-            self._call_error(session, task, outcome.exc, held.label)
+        if outcome.kind is Kind.PROCESSED and dialect.is_conflict(exc):
+            # run()'s transaction lost to a concurrent one at its very end.
+            self._finish(session, held, failed(held, exc, None), task)
+            return
+        if outcome.kind is Kind.PROCESSED and dialect.is_aborted_transaction(exc):
+            bad = TaskFailure(
+                "run() returned, but left its database transaction aborted (it caught a "
+                "database error and went on); nothing it wrote was saved"
+            )
+            self._finish(session, held, Outcome(Kind.ERROR, bad, None), task)
+            return
+        if outcome.kind is Kind.PROCESSED:
+            # Refused at commit (a deferred constraint, a trigger): the task's failure.
+            self._finish(session, held, failed(held, exc, None), task)
+            return
+        if last_try:
+            logger.error(
+                "%s: could not record any outcome (%s); it stays PROCESSING until this "
+                "worker stops or is lost",
+                held.label,
+                first_line(exc),
+            )
+            return
+        # The failure itself could not be stored: record a bare one instead.
+        bare = TaskFailure(f"the task failed, but its error could not be stored: {first_line(exc)}")
+        self._finish(session, held, Outcome(Kind.ERROR, bare, None), task, last_try=True)
+
+    def _write_apart(self, session: Session, held: Held, outcome: Outcome) -> bool:
+        """Write ``outcome`` in a transaction of alchq's own (run()'s was rolled back)."""
+        try:
+            conn = self.binds.connection(session, held.model, bookkeeping=True)
+            ok = _write(conn, held, outcome.values(held.table))
+            session.commit()
+        except DBAPIError as exc:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            logger.warning(
+                "%s: could not put it back (%s); its lease will", held.label, first_line(exc)
+            )
+            return False
+        return ok
+
+    def _mismatch(self, session: Session, held: Held, outcome: Outcome) -> None:
+        """The row cannot be loaded by this worker's code: leave it, and the model, alone."""
+        if self._write_apart(session, held, outcome) and held.model not in self.paused:
+            assert outcome.exc is not None
+            logger.error(
+                "the table %s no longer matches model %s: %s; its tasks are left for a "
+                "worker whose code matches (this one tries again every %gs)",
+                held.table.name,
+                held.model.__name__,
+                first_line(outcome.exc),
+                MISMATCH_PAUSE,
+            )
+        self.paused[held.model] = time.monotonic() + MISMATCH_PAUSE
 
     def release(self, session: Session, held: Held) -> bool:
         """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
         try:
-            conn = self.binds.connection(session, held.model)
+            conn = self.binds.connection(session, held.model, bookkeeping=True)
             ok = _write(conn, held, released())
             session.commit()
         except DBAPIError as exc:
@@ -154,17 +335,162 @@ class Recorder:
             logger.info("%s released: back to PENDING", held.label)
         return ok
 
-    def _call_error(
-        self, session: Session, task: BaseQueue, exc: BaseException, label: str
-    ) -> None:
+    # -- error() --------------------------------------------------------------------------
+
+    def call_error(self, held: Held, exc: BaseException, session: Session | None = None) -> None:
+        """Call the task's error(exc) in its own time, until its writes are committed.
+
+        ``session`` is the task's (the seed's error() uses ``db.session``); None
+        for a session of its own.
+        """
+        own = session is None
+        calls = 0
+        outage = Outage(self.settings.max_backoff)
+        held.enter_error(float(held.model.alchq_error_time_limit))
+        self.monitor.hold(held)
         try:
-            task.error(exc)
-            session.commit()
-        except Exception as err:
+            while calls < MAX_ERROR_CALLS:
+                if session is None:
+                    session = self.source.open()
+                try:
+                    state = self._error_once(held, exc, session)
+                except DBAPIError as err:  # loading the task, or committing its writes
+                    with contextlib.suppress(Exception):
+                        session.rollback()
+                    if self._error_done(held):
+                        return  # the commit that failed to answer had landed
+                    if held.dialect.is_transient(err) or err.connection_invalidated:
+                        if self._aborted():
+                            return  # the lease stays: a rescuer calls error() later
+                        time.sleep(outage.failed(err))
+                        continue
+                    calls += 1
+                    logger.error(
+                        "%s: error()'s writes could not be committed (%s); %s",
+                        held.label,
+                        first_line(err),
+                        "calling it again" if calls < MAX_ERROR_CALLS else "giving up",
+                    )
+                    continue
+                finally:
+                    if own and session is not None:
+                        with contextlib.suppress(Exception):
+                            self.source.release(session)
+                        session = None
+                if state != "again":
+                    return
+                calls += 1
+            self._give_up_error(held)
+        finally:
+            self.monitor.drop(held)
+
+    def _error_once(self, held: Held, exc: BaseException, session: Session) -> str:
+        """One call of error(): "done", or "again" when nothing it wrote was committed."""
+        try:
+            task = session.get(held.model, held.key)
+        except DBAPIError:
+            raise
+        except Exception as err:  # its columns cannot be loaded: no task to call
+            logger.error(
+                "%s: error() cannot be called, the task cannot be loaded: %s",
+                held.label,
+                _text.describe(err),
+            )
             with contextlib.suppress(Exception):
                 session.rollback()
-            logger.error("%s: error() raised %s", label, _text.describe(err))
+            self.clear_error_lease(held)
+            return "done"
+        if task is None or task.status != Status.ERROR:
+            return "done"
+        # Cleared in error()'s own transaction: error()'s commit carries it.
+        conn = self.binds.connection(session, held.model)
+        conn.execute(_clear_error_lease(held))
+        try:
+            held.in_run = True
+            try:
+                task.error(exc)
+            finally:
+                held.in_run = False
+        except (TaskTimeoutError, WorkerShutdown) as stopped:
+            # Stopped at its time limit (or the worker is stopping now): keep what
+            # it wrote if that can be committed, else it is called again.
+            current = self._current(session)
+            try:
+                self.binds.connection(current, held.model).execute(_clear_error_lease(held))
+                current.commit()
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    current.rollback()
+                logger.error(
+                    "%s: error() was stopped after %gs and what it had written could not "
+                    "be committed (%s)",
+                    held.label,
+                    held.time_limit,
+                    first_line(err),
+                )
+                if isinstance(stopped, WorkerShutdown):
+                    raise
+                return "again"
+            logger.error(
+                "%s: error() was stopped after %gs; what it had written was committed",
+                held.label,
+                held.time_limit,
+            )
+            if isinstance(stopped, WorkerShutdown):
+                raise
+            return "done"
+        except Exception as err:
+            with contextlib.suppress(Exception):
+                self._current(session).rollback()
+            logger.error("%s: error() raised %s", held.label, _text.describe(err))
             logger.debug("error() traceback", exc_info=True)
+            self.clear_error_lease(held)
+            return "done"
+        current = self._current(session)
+        if current is not session or task not in session:
+            # error() closed or removed its session: what it had not committed is gone.
+            logger.warning(
+                "%s: error() closed its session; what it had not committed was discarded",
+                held.label,
+            )
+        # What error() left uncommitted, with the lease cleared (again, if error()
+        # rolled back or replaced its session).
+        self.binds.connection(current, held.model).execute(_clear_error_lease(held))
+        current.commit()
+        return "done"
+
+    def _current(self, session: Session) -> Session:
+        scoped = self.source.scoped
+        return scoped() if scoped is not None else session
+
+    def _error_done(self, held: Held) -> bool:
+        """Were error()'s writes committed (its lease is cleared)? Unknown: False."""
+        try:
+            with self.binds.connect(held.engine) as conn:
+                row = conn.execute(_bookkeeping(held)).one_or_none()
+        except DBAPIError:
+            return False
+        return row is None or row.alchq_lease_until is None or not _ours(row, held, Status.ERROR)
+
+    def clear_error_lease(self, held: Held) -> None:
+        try:
+            with self.binds.connect(held.engine) as conn:
+                conn.execute(_clear_error_lease(held))
+                conn.commit()
+        except DBAPIError as exc:
+            logger.warning(
+                "%s: could not mark error() as done (%s); it may be called again",
+                held.label,
+                first_line(exc),
+            )
+
+    def _give_up_error(self, held: Held) -> None:
+        logger.error(
+            "%s: giving up on error() after %d calls that could not be committed",
+            held.label,
+            MAX_ERROR_CALLS,
+        )
+        self.clear_error_lease(held)
 
     # -- the database was away: outcomes written later ---------------------------------
 
@@ -176,7 +502,7 @@ class Recorder:
             try:
                 self._settle(deferred)
             except DBAPIError as exc:
-                if not deferred.held.dialect.is_transient(exc):
+                if not (deferred.held.dialect.is_transient(exc) or exc.connection_invalidated):
                     raise
                 if self._aborted():
                     logger.warning(
@@ -195,18 +521,14 @@ class Recorder:
 
     def _settle(self, deferred: Deferred) -> None:
         held, outcome = deferred.held, deferred.outcome
-        c = held.table.c
-        pk_match = [col == v for col, v in zip(held.table.primary_key, held.claim.pk, strict=True)]
         call_error = False
-        with held.engine.connect() as conn:
-            row = conn.execute(
-                select(c.status, c.alchq_worker, c.alchq_attempts).where(*pk_match)
-            ).one_or_none()
+        written: Outcome | None = outcome
+        with self.binds.connect(held.engine) as conn:
+            row = conn.execute(_bookkeeping(held)).one_or_none()
             if row is None:
                 logger.warning("%s was deleted while the database was away", held.label)
                 return
-            ours = row.alchq_worker == held.worker_id and row.alchq_attempts == held.claim.token
-            if not ours:
+            if not (row.alchq_worker == held.worker_id and row.alchq_attempts == held.claim.token):
                 logger.warning(
                     "%s was taken over while the database was away; this worker's outcome "
                     "was discarded",
@@ -217,38 +539,46 @@ class Recorder:
                 # The commit we lost sight of did land.
                 call_error = row.status == Status.ERROR
             elif outcome is None or (outcome.kind is Kind.PROCESSED and deferred.had_writes):
-                # Its run's writes died with the connection: run it again.
-                _write(conn, held, released())
+                # Its run's writes died with the connection: run it again. Lost while
+                # the database was up, that is a lost claim (bounded).
+                if deferred.lost:
+                    assert outcome is not None
+                    lost = TaskFailure("the connection was lost before run()'s writes committed")
+                    again = lost_connection(held, lost, int(self.settings.max_lost_claims))
+                    if again.kind is Kind.ERROR:
+                        _write(conn, held, self._values(held, again))
+                        conn.commit()
+                        log_end(held, Status.ERROR, again.describe())
+                        self.call_error(held, again.exc or lost)
+                        return
+                    _write(conn, held, again.values(held.table))
+                else:
+                    _write(conn, held, released())
                 conn.commit()
                 logger.warning("%s: back to PENDING; it will run again", held.label)
                 return
             else:
-                _write(conn, held, outcome.values(held.table))
+                assert written is not None
+                _write(conn, held, self._values(held, written))
                 conn.commit()
-                call_error = outcome.kind is Kind.ERROR
+                call_error = written.kind is Kind.ERROR
         if outcome is not None:
-            log_end(held, outcome.status, "recorded once the database was back")
+            detail = None if deferred.lost else "recorded once the database was back"
+            log_end(held, outcome.status, detail or outcome.describe())
             if call_error and outcome.exc is not None:
-                self.error_in_new_session(held, outcome.exc)
-
-    def error_in_new_session(self, held: Held, exc: BaseException) -> None:
-        """Call the task's error() in a session of its own (the run's session is gone)."""
-        session = self.source.open()
-        try:
-            task = session.get(held.model, held.key)
-            if task is not None:
-                self._call_error(session, task, exc, held.label)
-        finally:
-            with contextlib.suppress(Exception):
-                self.source.release(session)
+                self.call_error(held, outcome.exc)
 
     # -- from the monitor thread, on connections of their own ----------------------------
 
-    def finish_elsewhere(self, held: Held, outcome: Outcome, *, call_error: bool) -> None:
-        """End the claim on a fresh connection, not waiting on locks (monitor thread)."""
-        values = outcome.values(held.table)
+    def finish_elsewhere(self, held: Held, outcome: Outcome) -> bool:
+        """End the claim on a fresh connection, not waiting on locks (monitor thread).
+
+        An ERROR keeps its error() lease: the worker's replacement, or a rescuer,
+        calls error(). True if the claim was ended.
+        """
+        values = self._values(held, outcome)
         try:
-            with held.engine.connect() as conn:
+            with self.binds.connect(held.engine) as conn:
                 # Briefly: the stuck task's own transaction may hold the row, and
                 # the process must be gone within about 2 s of the last signal.
                 with held.dialect.short_lock_wait(conn, 0.3):
@@ -258,19 +588,61 @@ class Recorder:
             logger.warning(
                 "%s: could not end its claim (%s); its lease will", held.label, first_line(exc)
             )
-            return
+            return False
         if ok and outcome.kind is not Kind.RELEASE:
             log_end(held, outcome.status, outcome.describe())
-            # A retried outcome (PENDING again) calls no error(): only the last failure does.
-            if call_error and outcome.kind is Kind.ERROR and outcome.exc is not None:
-                self.error_in_new_session(held, outcome.exc)
         elif ok:
             logger.info("%s released: back to PENDING", held.label)
+        return ok
 
 
-def _write(conn: Connection, held: Held, values: dict[str, Any]) -> bool:
+def _bookkeeping(held: Held) -> Any:
+    """SELECT the held task's bookkeeping columns, by key."""
+    c = held.table.c
+    pk = [col == v for col, v in zip(held.table.primary_key, held.claim.pk, strict=True)]
+    return select(
+        c.status,
+        c.alchq_worker,
+        c.alchq_attempts,
+        c.alchq_failures,
+        c.alchq_lost_claims,
+        c.alchq_lease_until,
+    ).where(*pk)
+
+
+def _ours(row: Any, held: Held, status: Status = Status.PROCESSING) -> bool:
+    return bool(
+        row.status == status
+        and row.alchq_worker == held.worker_id
+        and row.alchq_attempts == held.claim.token
+    )
+
+
+def _clear_error_lease(held: Held) -> Any:
+    """UPDATE: error() of the held task is done (its ERROR row's lease cleared)."""
+    c = held.table.c
+    pk = [col == v for col, v in zip(held.table.primary_key, held.claim.pk, strict=True)]
+    return (
+        update(held.table)
+        .where(
+            *pk,
+            c.status == Status.ERROR,
+            c.alchq_worker == held.worker_id,
+            c.alchq_attempts == held.claim.token,
+        )
+        .values(alchq_lease_until=None)
+    )
+
+
+def _write(
+    conn: Connection,
+    held: Held,
+    values: dict[str, Any],
+    extra: ColumnElement[bool] | None = None,
+) -> bool:
     """Write ``values`` to the held task's row if the claim is still ours; False if not."""
-    return held.dialect.finish(conn, held.table, held.claim, held.still_ours(), values)
+    fence = held.still_ours() if extra is None else held.still_ours() & extra
+    return held.dialect.finish(conn, held.table, held.claim, fence, values)
 
 
 def log_again(held: Held, outcome: Outcome) -> None:
@@ -293,7 +665,7 @@ def log_again(held: Held, outcome: Outcome) -> None:
         held.label,
         duration,
         held.failures + 1,
-        policy.attempts if policy is not None else 1,
+        (policy or CONFLICT_RETRY).attempts,
         outcome.again_in,
         outcome.describe(),
         extra=extra,

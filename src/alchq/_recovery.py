@@ -7,6 +7,9 @@ such process alive and running. One conditional statement then puts those
 rows back to PENDING with ``alchq_lost_claims + 1``; a row lost
 ``max_lost_claims`` times is claimed by the rescuer instead, which ends it in
 ERROR with :class:`alchq.WorkerLostError` and calls its error() once.
+
+The same goes for an ERROR row whose error() was never finished (its lease is
+still set) because its worker was lost: the rescuer calls error() itself.
 """
 
 from __future__ import annotations
@@ -14,21 +17,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
+from sqlalchemy import ColumnElement, Engine, Table, delete, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from alchq._binds import Binds
+from alchq._dialects import Claim, Dialect, utc_now
 from alchq._held import Held, label
 from alchq._monitor import Monitor
-from alchq._outcome import Kind, Outcome
+from alchq._outcome import Kind, Outcome, Ran
 from alchq._recorder import Recorder
 from alchq._registry import alive_here, forget_gone, lost_owners, owner_alive
 from alchq._transitions import bump, claim_values, expired, released
 from alchq.config import Settings
 from alchq.exceptions import WorkerLostError
-from alchq.model import BaseQueue, task_table, workers_table
+from alchq.model import BaseQueue, Status, task_table, workers_table
 
 logger = logging.getLogger("alchq.worker")
+
+
+def owed_error(table: Table) -> ColumnElement[bool]:
+    """ERROR rows whose error() is not done and whose lease for it ran out."""
+    c = table.c
+    return (
+        (c.status == Status.ERROR)
+        & c.alchq_lease_until.is_not(None)
+        & (c.alchq_lease_until < utc_now())
+    )
 
 
 class Rescuer:
@@ -41,6 +58,7 @@ class Rescuer:
         monitor: Monitor,
         recorder: Recorder,
         settings: Settings,
+        adopt: str | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.binds = binds
@@ -48,6 +66,8 @@ class Rescuer:
         self.monitor = monitor
         self.recorder = recorder
         self.settings = settings
+        #: The worker this process replaced (same pid, exec): its claims are lost now.
+        self._adopt = adopt
         self._next = 0.0
 
     def maybe_rescue(self, models: list[type[BaseQueue]]) -> None:
@@ -57,60 +77,21 @@ class Rescuer:
         self._next = time.monotonic() + self.settings.rescue_interval
         for model in models:
             self.rescue(model)
+        self._adopt = None
 
     def rescue(self, model: type[BaseQueue]) -> None:
-        """Put tasks of lost workers back, or end them once they were lost too often."""
+        """Put tasks of lost workers back, end them once lost too often, finish their error()."""
         session = self.source.open()
         try:
-            table = task_table(model)
-            c = table.c
             engine = self.binds.engine(session, model)
-            dialect = self.binds.dialect(engine)
-            workers = workers_table(table.metadata)
-            max_lost = int(self.settings.max_lost_claims)
             try:
-                conn = self.binds.connection(session, model)
-                owners = lost_owners(conn, table, expired(table))
-                forget_gone(conn, table)
-                session.commit()
-                if not owners:
-                    self.binds.connected = True
-                    return
-                # Alive on this machine, whatever its heartbeat says: not lost.
-                alive = alive_here(owners)
-                lease_out = expired(table) & ~owner_alive(table, workers)
-                if alive:
-                    lease_out &= c.alchq_worker.is_(None) | c.alchq_worker.not_in(alive)
-                back = dialect.claim(
-                    self.binds.connection(session, model),
-                    table,
-                    ready=lease_out & (c.alchq_lost_claims + 1 < max_lost),
-                    order_by=[c.alchq_lease_until],
-                    values={**released(), "alchq_lost_claims": bump(c.alchq_lost_claims)},
-                    token_column="alchq_lost_claims",  # noqa: S106 - not a password
-                    limit=100,
-                )
-                session.commit()
-                lost = dialect.claim(
-                    self.binds.connection(session, model),
-                    table,
-                    ready=lease_out & (c.alchq_lost_claims + 1 >= max_lost),
-                    order_by=[c.alchq_lease_until],
-                    values=claim_values(
-                        self.worker_id,
-                        self.settings.lease,
-                        alchq_attempts=bump(c.alchq_attempts),
-                        alchq_lost_claims=bump(c.alchq_lost_claims),
-                    ),
-                    token_column="alchq_attempts",  # noqa: S106 - not a password
-                    limit=10,
-                )
-                session.commit()
+                back, lost, owed = self._take(session, model, engine)
             except DBAPIError as exc:
                 with contextlib.suppress(Exception):
                     session.rollback()
                 raise self.binds.diagnose(exc, model, engine) from exc
             self.binds.connected = True
+            max_lost = int(self.settings.max_lost_claims)
             for claim in back:
                 logger.warning(
                     "%s: its worker was lost (lease expired); back to PENDING "
@@ -119,27 +100,147 @@ class Rescuer:
                     claim.token,
                     max_lost,
                 )
+            dialect = self.binds.dialect(engine)
             for claim in lost:
-                held = Held(
-                    model=model,
-                    claim=claim,
-                    worker_id=self.worker_id,
-                    table=table,
-                    engine=engine,
-                    dialect=dialect,
-                    time_limit=float(model.alchq_time_limit),
-                )
-                self.monitor.hold(held)
-                try:
-                    task = session.get(model, held.key, populate_existing=True)
-                    gone = WorkerLostError(
-                        f"{held.label} lost its worker {max_lost} times (killed, frozen or "
-                        "cut off mid-run); giving up"
-                    )
-                    self.recorder.record(session, held, Outcome(Kind.ERROR, gone, None), task)
-                finally:
-                    if not self.recorder.holds(held):
-                        self.monitor.drop(held)
+                self._end_lost(session, model, engine, dialect, claim)
+            for claim, row in owed:
+                self._finish_error(model, engine, dialect, claim, row)
         finally:
             with contextlib.suppress(Exception):
                 self.source.release(session)
+
+    def _take(
+        self, session: Session, model: type[BaseQueue], engine: Engine
+    ) -> tuple[list[Claim], list[Claim], list[tuple[Claim, Any]]]:
+        """Claim what is lost (committed): (back to PENDING, to end, error() owed)."""
+        table = task_table(model)
+        c = table.c
+        dialect = self.binds.dialect(engine)
+        workers = workers_table(table.metadata)
+        conn = self.binds.connection(session, model, bookkeeping=True)
+        if self._adopt is not None:
+            # This process replaced that worker: it is gone, whatever its row says.
+            conn.execute(delete(workers).where(workers.c.id == self._adopt))
+            conn.execute(
+                update(table)
+                .where(c.alchq_worker == self._adopt, c.alchq_lease_until.is_not(None))
+                .values(alchq_lease_until=utc_now(-1))
+            )
+        owners = lost_owners(conn, table, expired(table) | owed_error(table))
+        forget_gone(conn, table)
+        session.commit()
+        if not owners:
+            return [], [], []
+        # Alive on this machine, whatever its heartbeat says: not lost.
+        gone = ~owner_alive(table, workers)
+        alive = alive_here(owners)
+        if alive:
+            gone &= c.alchq_worker.is_(None) | c.alchq_worker.not_in(alive)
+        max_lost = int(self.settings.max_lost_claims)
+        lease_out = expired(table) & gone
+
+        def take(ready: ColumnElement[bool], values: dict[str, Any], token: str) -> list[Claim]:
+            claims = dialect.claim(
+                self.binds.connection(session, model, bookkeeping=True),
+                table,
+                ready=ready,
+                order_by=[c.alchq_lease_until],
+                values=values,
+                token_column=token,
+                limit=100,
+            )
+            session.commit()
+            return claims
+
+        back = take(
+            lease_out & (c.alchq_lost_claims + 1 < max_lost),
+            {**released(), "alchq_lost_claims": bump(c.alchq_lost_claims)},
+            "alchq_lost_claims",
+        )
+        lost = take(
+            lease_out & (c.alchq_lost_claims + 1 >= max_lost),
+            claim_values(
+                self.worker_id,
+                self.settings.lease,
+                alchq_attempts=bump(c.alchq_attempts),
+                alchq_lost_claims=bump(c.alchq_lost_claims),
+            ),
+            "alchq_attempts",
+        )
+        budget = float(model.alchq_error_time_limit) + self.settings.kill_after
+        owed_claims = take(
+            owed_error(table) & gone,
+            {
+                "alchq_worker": self.worker_id,
+                "alchq_lease_until": utc_now(budget),
+                "alchq_lost_claims": bump(c.alchq_lost_claims),
+                "time_updated": utc_now(),
+            },
+            "alchq_attempts",
+        )
+        owed: list[tuple[Claim, Any]] = []
+        for claim in owed_claims:
+            pk = [col == v for col, v in zip(table.primary_key, claim.pk, strict=True)]
+            row = session.execute(
+                select(c.alchq_error_type, c.alchq_error_message, c.alchq_lost_claims).where(*pk)
+            ).one()
+            owed.append((claim, row))
+        session.rollback()
+        return back, lost, owed
+
+    def _held(self, model: type[BaseQueue], engine: Engine, dialect: Dialect, claim: Claim) -> Held:
+        return Held(
+            model=model,
+            claim=claim,
+            worker_id=self.worker_id,
+            table=task_table(model),
+            engine=engine,
+            dialect=dialect,
+            time_limit=float(model.alchq_time_limit),
+        )
+
+    def _end_lost(
+        self,
+        session: Session,
+        model: type[BaseQueue],
+        engine: Engine,
+        dialect: Dialect,
+        claim: Claim,
+    ) -> None:
+        held = self._held(model, engine, dialect, claim)
+        max_lost = int(self.settings.max_lost_claims)
+        self.monitor.hold(held)
+        try:
+            task = session.get(model, held.key, populate_existing=True)
+            gone = WorkerLostError(
+                f"{held.label} lost its worker {max_lost} times (killed, frozen or "
+                "cut off mid-run); giving up"
+            )
+            if task is not None:
+                held.failures = task.alchq_failures
+                held.lost_claims = task.alchq_lost_claims
+            outcome = Outcome(Kind.ERROR, gone, None)
+            self.recorder.record(Ran(outcome, task, session), held)
+        finally:
+            if not self.recorder.holds(held):
+                self.monitor.drop(held)
+
+    def _finish_error(
+        self, model: type[BaseQueue], engine: Engine, dialect: Dialect, claim: Claim, row: Any
+    ) -> None:
+        """Call the error() a lost worker did not finish (bounded by max_lost_claims)."""
+        held = self._held(model, engine, dialect, claim)
+        if row.alchq_lost_claims >= int(self.settings.max_lost_claims):
+            logger.error(
+                "%s: its error() was interrupted with its worker %d times; giving up on it",
+                held.label,
+                row.alchq_lost_claims,
+            )
+            self.recorder.clear_error_lease(held)
+            return
+        exc = WorkerLostError(
+            f"{held.label}: its error() was interrupted when its worker was lost; the task "
+            f"had failed with {row.alchq_error_type}: {row.alchq_error_message}"
+        )
+        logger.warning("%s: its worker was lost during error(); calling it again", held.label)
+        self.recorder.call_error(held, exc)

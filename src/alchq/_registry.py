@@ -137,7 +137,7 @@ class Registry:
         if not self._registered:
             return
         for place in self.places():
-            with place.engine.connect() as conn:
+            with self.binds.connect(place.engine) as conn:
                 with self.binds.dialect(place.engine).short_lock_wait(conn, 1.0):
                     renewed = conn.execute(
                         update(place.table)
@@ -155,7 +155,7 @@ class Registry:
         self._registered = False
         for place in self.places():
             try:
-                with place.engine.connect() as conn:
+                with self.binds.connect(place.engine) as conn:
                     with self.binds.dialect(place.engine).short_lock_wait(conn, 1.0):
                         conn.execute(delete(place.table).where(place.table.c.id == self.worker_id))
                         conn.commit()
@@ -182,7 +182,7 @@ class Registry:
             "started_at": utc_now(),
             **self._renewal(),
         }
-        with place.engine.connect() as conn:
+        with self.binds.connect(place.engine) as conn:
             conn.execute(delete(place.table).where(place.table.c.id == self.worker_id))
             conn.execute(place.table.insert().values(row))
             conn.commit()

@@ -133,7 +133,7 @@ class Scheduler:
                 self.binds.dialect(engine)  # connect-time settings, error classification
                 cached = now_by_engine.get(engine)
                 if cached is None:
-                    conn = self.binds.connection(session, model)
+                    conn = self.binds.connection(session, model, bookkeeping=True)
                     raw = conn.execute(select(utc_now())).scalar_one()
                     cached = now_by_engine[engine] = (self.clock(raw), time.monotonic())
                     session.rollback()
@@ -225,7 +225,7 @@ class Scheduler:
         ticks = ticks_table(table.metadata)
         dialect = self.binds.dialect_of(session, model)
         try:
-            conn = self.binds.connection(session, model)
+            conn = self.binds.connection(session, model, bookkeeping=True)
             insert = dialect.insert_unless_conflict(
                 ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
             )

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from alchq._held import Held
+from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
 from alchq._outcome import RELEASE, failed
 from alchq._recorder import Recorder
@@ -39,13 +39,6 @@ logger = logging.getLogger("alchq.worker")
 
 #: Exit status of a worker stopped before the task in hand finished.
 EXIT_INTERRUPTED = 1
-
-
-class WorkerShutdown(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
-    """Raised into ``run()`` when the worker must stop now (second signal, grace expired).
-
-    A BaseException so that a task's ``except Exception`` does not swallow it.
-    """
 
 
 class Stopper:
@@ -127,26 +120,32 @@ class Stopper:
     def time_limit_reached(self, held: Held) -> None:
         """Monitor thread: the task overran its time limit; interrupt it."""
         logger.warning(
-            "%s exceeded its time limit of %gs; interrupting it", held.label, held.time_limit
+            "%s exceeded its time limit of %gs; interrupting it", held.what, held.time_limit
         )
         held.interrupt = "timeout"
         held.hard_deadline = time.monotonic() + self.settings.kill_after
         self.interrupt(held, TaskTimeoutError)
 
     def hard_deadline_reached(self, held: Held) -> None:
-        """Monitor thread: the task did not stop when interrupted; end the process."""
+        """Monitor thread: the task did not stop when interrupted; end the process.
+
+        The claim is ended first (a run: its timeout recorded, retried by its
+        policy; a shutdown: released). An error() stopped this way keeps its
+        lease: the replacement process calls it again.
+        """
         if held.interrupt == "timeout":
-            exc = TaskTimeoutError(
-                f"{held.label} ran longer than its time limit of {held.time_limit:g}s and "
-                "could not be interrupted; its worker process was replaced"
-            )
-            logger.error("%s could not be interrupted; replacing the worker process", held.label)
-            with self.app_context():
-                self.recorder.finish_elsewhere(held, failed(held, exc, None), call_error=True)
-            replace_process()
+            logger.error("%s could not be interrupted; replacing the worker process", held.what)
+            if held.phase == "run":
+                exc = TaskTimeoutError(
+                    f"{held.label} ran longer than its time limit of {held.time_limit:g}s and "
+                    "could not be interrupted; its worker process was replaced"
+                )
+                self.recorder.finish_elsewhere(held, failed(held, exc, None))
+            replace_process(held.worker_id)
         else:
-            logger.error("%s could not be interrupted; exiting now", held.label)
-            self.recorder.finish_elsewhere(held, RELEASE, call_error=False)
+            logger.error("%s could not be interrupted; exiting now", held.what)
+            if held.phase == "run":
+                self.recorder.finish_elsewhere(held, RELEASE)
             exit_now(EXIT_INTERRUPTED)
 
     @contextlib.contextmanager
@@ -185,7 +184,7 @@ class Stopper:
             if held is not None and held.interrupt == "timeout" and held.in_run:
                 held.in_run = False  # raise once
                 raise TaskTimeoutError(
-                    f"{held.label} ran longer than its time limit of {held.time_limit:g}s"
+                    f"{held.what} ran longer than its time limit of {held.time_limit:g}s"
                 )
             if held is not None and held.interrupt == "shutdown" and held.in_run:
                 held.in_run = False
@@ -222,8 +221,14 @@ def send_alarm(thread_id: int) -> None:
     signal.pthread_kill(thread_id, signal.SIGALRM)
 
 
-def replace_process() -> None:
+#: Set for a worker process that replaced itself: the id of the worker it was.
+#: Its claims and error() calls are taken over at once, not after a lease.
+REPLACED_ENV = "ALCHQ_REPLACED_WORKER"
+
+
+def replace_process(worker_id: str) -> None:
     """Start this worker anew in the same process (same pid, same command line)."""
+    os.environ[REPLACED_ENV] = worker_id
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,13 +1,19 @@
-"""What a run sends through its task's own database connection.
+"""What a run does with its task's own session and database connection.
 
-A lost connection takes the uncommitted writes of its transaction with it:
-whether run() wrote through the task's session decides whether an outcome
-the database was away for can still be recorded, or the task must run again.
-Writes run() commits on connections of its own are not counted here.
+The worker must know, without guessing from exception types:
 
-One ``before_cursor_execute`` listener per engine (installed by the worker)
-feeds the :class:`RunWatch` of the run in progress in this context, if any;
-outside a run it does nothing.
+- whether run() sent statements through the task's session since its last
+  commit: a lost connection takes those uncommitted writes with it, so the
+  task must run again rather than be recorded PROCESSED;
+- whether a database error came from the task's own connection (the worker's),
+  and whether that connection was lost: only that is the database being away;
+  an error from any other connection run() opened is the task's failure;
+- whether run() committed, or threw away uncommitted changes (a rollback, a
+  closed session).
+
+Engine and session listeners, installed once, feed the :class:`RunWatch` of
+the run in progress in this context (a ContextVar); outside a run they do
+nothing.
 """
 
 from __future__ import annotations
@@ -17,17 +23,41 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.orm import Session
 
 _current: ContextVar[RunWatch | None] = ContextVar("alchq_run_watch", default=None)
 
 
 class RunWatch:
-    """Notes the statements of one run on one DB-API connection (a context manager)."""
+    """Watches one run of one task in ``session`` (a context manager)."""
 
-    def __init__(self, dbapi_connection: Any) -> None:
-        self.dbapi_connection = dbapi_connection
-        self.writes = False
+    def __init__(self, session: Session, dbapi_connection: Any) -> None:
+        self.session = session
+        #: DB-API connections the session used during the run.
+        self.connections: list[Any] = [dbapi_connection]
+        #: Statements sent through them since the session's last commit.
+        self.statements = 0
+        #: run() committed the session itself.
+        self.committed = False
+        #: Uncommitted statements were thrown away by a rollback or close.
+        self.discarded = 0
+        #: The task's own connection was lost (a disconnect error on it).
+        self.lost = False
+        #: Database errors raised on the task's own connections, newest last.
+        self.errors: list[BaseException] = []
         self._token: Any = None
+
+    def owns(self, exc: BaseException) -> bool:
+        """Was ``exc`` (or an error it was raised from) raised on the task's own connection?"""
+        seen: set[int] = set()
+        node: BaseException | None = exc
+        while node is not None and id(node) not in seen:
+            if any(node is e for e in self.errors):
+                return True
+            seen.add(id(node))
+            node = node.__cause__ or node.__context__
+        return False
 
     def __enter__(self) -> RunWatch:
         self._token = _current.set(self)
@@ -42,17 +72,64 @@ class RunWatch:
         _current.reset(self._token)
 
 
-def _note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+def _dbapi(connection: Any) -> Any:
+    try:
+        return connection.connection.dbapi_connection
+    except Exception:  # already invalidated or closed
+        return None
+
+
+def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
     watch = _current.get()
-    if (
-        watch is not None
-        and conn.connection.dbapi_connection is watch.dbapi_connection
-        and not statement.lstrip()[:6].upper().startswith(("SELECT", "WITH"))
-    ):
-        watch.writes = True
+    if watch is not None and _dbapi(conn) in watch.connections:
+        watch.statements += 1
+
+
+def _on_error(context: ExceptionContext) -> None:
+    watch = _current.get()
+    if watch is None or context.connection is None:
+        return
+    if _dbapi(context.connection) not in watch.connections:
+        return
+    if context.sqlalchemy_exception is not None:
+        watch.errors.append(context.sqlalchemy_exception)
+    watch.errors.append(context.original_exception)
+    if context.is_disconnect:
+        watch.lost = True
+
+
+def _on_begin(session: Session, transaction: Any, connection: Any) -> None:
+    watch = _current.get()
+    if watch is not None and session is watch.session:
+        dbapi = _dbapi(connection)
+        if dbapi is not None and dbapi not in watch.connections:
+            watch.connections.append(dbapi)
+
+
+def _on_commit(session: Session) -> None:
+    watch = _current.get()
+    if watch is not None and session is watch.session:
+        watch.committed = True
+        watch.statements = 0
+
+
+def _on_rollback(session: Session) -> None:
+    watch = _current.get()
+    if watch is not None and session is watch.session and watch.statements:
+        watch.discarded += watch.statements
+        watch.statements = 0
 
 
 def install(engine: Engine) -> None:
-    """Watch ``engine``'s statements (once per engine)."""
-    if not event.contains(engine, "before_cursor_execute", _note):
-        event.listen(engine, "before_cursor_execute", _note)
+    """Watch ``engine``'s statements and errors (once per engine)."""
+    if not event.contains(engine, "before_cursor_execute", _on_statement):
+        event.listen(engine, "before_cursor_execute", _on_statement)
+        event.listen(engine, "handle_error", _on_error)
+
+
+# Session events are class-wide: they cost a ContextVar lookup per event and
+# act only for the session of the run in progress.
+if not event.contains(Session, "after_begin", _on_begin):
+    event.listen(Session, "after_begin", _on_begin)
+    event.listen(Session, "after_commit", _on_commit)
+    event.listen(Session, "after_rollback", _on_rollback)

@@ -418,6 +418,16 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         cols.alchq_lease_until,
         **ready_index_kwargs(cols.status == Status.PROCESSING.value),
     )
+    # ERROR rows whose error() is not done yet (its lease still set): the
+    # rescue's query for those whose worker was lost. Empty almost always.
+    Index(
+        f"ix_{table.name}_alchq_error_owed",
+        cols.status,
+        cols.alchq_lease_until,
+        **ready_index_kwargs(
+            (cols.status == Status.ERROR.value) & cols.alchq_lease_until.is_not(None)
+        ),
+    )
     # Counters a hand-written row could get wrong; the bound keeps "+ 1" in the
     # claim and the rescue from ever overflowing the column.
     table.append_constraint(

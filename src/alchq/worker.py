@@ -43,7 +43,7 @@ from alchq._binds import Binds, Outage
 from alchq._claimer import Claimer
 from alchq._dialects import Claim
 from alchq._executor import Executor
-from alchq._held import Held
+from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
 from alchq._prune import prune_periodically
 from alchq._recorder import Recorder
@@ -51,7 +51,7 @@ from alchq._recovery import Rescuer
 from alchq._registry import Registry
 from alchq._scheduler import Scheduler
 from alchq._sessions import SessionSource, flask_app, resolve
-from alchq._stopping import EXIT_INTERRUPTED, Stopper, WorkerShutdown
+from alchq._stopping import EXIT_INTERRUPTED, REPLACED_ENV, Stopper
 from alchq._wakeup import Waiter
 from alchq.config import Settings
 from alchq.exceptions import DatabaseUnreachableError
@@ -132,8 +132,15 @@ class Worker:
             self._monitor, self._recorder, self.settings, self.app_context, self._waiter.wake
         )
         self._claimer = Claimer(self.id, self._binds, self.settings)
-        self._executor = Executor(self._binds)
-        self._rescuer = Rescuer(self.id, self._binds, self._monitor, self._recorder, self.settings)
+        self._executor = Executor(self._binds, self.settings)
+        self._rescuer = Rescuer(
+            self.id,
+            self._binds,
+            self._monitor,
+            self._recorder,
+            self.settings,
+            adopt=os.environ.pop(REPLACED_ENV, None),
+        )
         self._scheduler = Scheduler(
             self.models if scheduler else (), self._binds, self.settings, self.app_context
         )
@@ -177,6 +184,8 @@ class Worker:
             self._registry.register()
             self._rescuer.maybe_rescue(self.models)
             for model in self.models:
+                if not self._recorder.claimable(model):
+                    continue
                 claimed, task = self._process(model, keep=True)
                 if claimed:
                     return task
@@ -214,6 +223,8 @@ class Worker:
                     for model in self.models:
                         if self.stopping or (limit is not None and done >= limit):
                             break
+                        if not self._recorder.claimable(model):
+                            continue
                         claimed, _task = self._process(model, keep=False)
                         if claimed:
                             done += 1
@@ -313,15 +324,15 @@ class Worker:
         self._monitor.hold(held)
         self._registry.in_hand = 1
         try:
-            outcome, task = self._executor.run(session, held)
-            self._recorder.record(session, held, outcome, task)
+            ran = self._executor.run(session, held)
+            self._recorder.record(ran, held)
         finally:
             if not self._recorder.holds(held):
                 self._monitor.drop(held)
                 self._registry.in_hand = 0
-        if isinstance(outcome.exc, WorkerShutdown):
-            raise outcome.exc
-        return task
+        if isinstance(ran.outcome.exc, WorkerShutdown):
+            raise ran.outcome.exc
+        return ran.task
 
 
 def _detach(session: Session, task: BaseQueue | None) -> None:

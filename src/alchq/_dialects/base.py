@@ -127,6 +127,10 @@ class Dialect:
     partial_index: ClassVar[bool] = False
     #: the dialect's ``insert()`` with ``on_conflict_do_nothing`` (PostgreSQL, SQLite)
     on_conflict_insert: ClassVar[Callable[..., Any] | None] = None
+    #: The isolation level of alchq's own transactions (claims, rescues, the
+    #: registry, outcomes written apart from run()), whatever the database's
+    #: default: None where the database has no choice to make.
+    bookkeeping_isolation: ClassVar[str | None] = None
 
     def prepare_engine(self, engine: Engine) -> None:
         """Adjust a worker's engine once, before its first claim."""
@@ -159,6 +163,24 @@ class Dialect:
         if exc.connection_invalidated or isinstance(exc, InterfaceError):
             return True
         return isinstance(exc, OperationalError)
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        """Did a transaction lose to a concurrent one (serialization failure, deadlock,
+        a busy write lock)? Running it again may well succeed."""
+        return False
+
+    def is_aborted_transaction(self, exc: BaseException) -> bool:
+        """Was the statement refused because an earlier error aborted the transaction?"""
+        return False
+
+    def is_schema_mismatch(self, exc: BaseException) -> bool:
+        """Does the table lack a column or table the statement names (code and schema
+        disagree, as during a deploy)?"""
+        return False
+
+    def is_read_only(self, exc: BaseException) -> bool:
+        """Was a write refused because the database (or connection) is read-only?"""
+        return False
 
     def claim(
         self,

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
@@ -47,6 +47,12 @@ def _set_keepalive(dbapi_connection: Any, _record: Any) -> None:
         sock.close()
 
 
+def _connect_timeout(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    """Give up on connecting after 10 s (unless the URL says otherwise): a server that
+    does not answer must not hang a worker forever."""
+    cparams.setdefault("connect_timeout", 10)
+
+
 _BUSY_MESSAGES = (
     "the database system is starting up",
     "the database system is shutting down",
@@ -56,19 +62,25 @@ _BUSY_MESSAGES = (
 
 
 #: SQLSTATEs that mean "the database is (briefly) unable", not "your SQL is wrong".
+#: (Class 08, connection exceptions, counts too.)
 _TRANSIENT_SQLSTATES = frozenset(
     {
         "25006",  # read_only_sql_transaction: a failover's read-only window
-        "40001",  # serialization_failure
-        "40P01",  # deadlock_detected
-        "55P03",  # lock_not_available (lock_timeout)
-        "57014",  # query_canceled (statement_timeout)
         "57P01",  # admin_shutdown (pg_terminate_backend, fast shutdown)
         "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now (starting up, in recovery)
         "53300",  # too_many_connections
     }
 )
+#: A transaction that lost to another one: worth running again.
+_CONFLICT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+    }
+)
+#: The statement names what the table does not have.
+_MISMATCH_SQLSTATES = frozenset({"42703", "42P01"})  # undefined column, undefined table
 #: SQLSTATEs of a server that answers "not now": the URL is right, wait for it.
 _BUSY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
@@ -87,9 +99,15 @@ class PostgreSQLDialect(Dialect):
     skip_locked = True
     returning = True
     partial_index = True
+    # Under a default of REPEATABLE READ or SERIALIZABLE, concurrent claims (and
+    # any write to a row another transaction changed) fail with a serialization
+    # error; alchq's own short transactions need none of that.
+    bookkeeping_isolation = "READ COMMITTED"
 
     def prepare_engine(self, engine: Engine) -> None:
         on_connect(engine, _set_keepalive)
+        if not event.contains(engine, "do_connect", _connect_timeout):
+            event.listen(engine, "do_connect", _connect_timeout)
 
     def server_is_busy(self, exc: BaseException) -> bool:
         # Errors while connecting carry no SQLSTATE in psycopg: read the message.
@@ -105,6 +123,18 @@ class PostgreSQLDialect(Dialect):
         if code is not None:
             return code.startswith("08") or code in _TRANSIENT_SQLSTATES
         return super().is_transient(exc)
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) in _CONFLICT_SQLSTATES
+
+    def is_aborted_transaction(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == "25P02"  # in_failed_sql_transaction
+
+    def is_schema_mismatch(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) in _MISMATCH_SQLSTATES
+
+    def is_read_only(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == "25006"
 
     @contextlib.contextmanager
     def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:

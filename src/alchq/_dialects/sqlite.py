@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.exc import OperationalError
 
 from alchq._dialects.base import Dialect, on_connect
 from alchq._util import first_line
@@ -26,6 +27,13 @@ def _set_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
     finally:
         cursor.close()
 
+
+def _says(exc: BaseException, messages: tuple[str, ...]) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(m in text for m in messages)
+
+
+_BUSY_MESSAGES = ("database is locked", "database is busy", "database table is locked")
 
 _TRANSIENT_MESSAGES = (
     "database is locked",
@@ -55,6 +63,16 @@ class SQLiteDialect(Dialect):
         return any(m in message for m in _TRANSIENT_MESSAGES) or getattr(
             exc, "connection_invalidated", False
         )
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        # The write lock stayed busy past the busy timeout.
+        return isinstance(exc, OperationalError) and _says(exc, _BUSY_MESSAGES)
+
+    def is_schema_mismatch(self, exc: BaseException) -> bool:
+        return isinstance(exc, OperationalError) and _says(exc, ("no such column", "no such table"))
+
+    def is_read_only(self, exc: BaseException) -> bool:
+        return _says(exc, ("readonly database", "read-only"))
 
     @contextlib.contextmanager
     def short_lock_wait(self, conn: Connection, seconds: float) -> Iterator[None]:
