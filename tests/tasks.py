@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table, insert
+from sqlalchemy import Column, Dialect, ForeignKey, Integer, String, Table, insert
 from sqlalchemy.orm import object_session
+from sqlalchemy.types import TypeDecorator
 
 from alchq import BaseQueue, metadata
 
@@ -56,4 +58,23 @@ class Child(BaseQueue):
     parent_id = Column(Integer, ForeignKey("parent.id"))
 
     def run(self) -> None:
+        pass
+
+
+class BrokenKey(TypeDecorator[int]):
+    """An integer key that cannot be read back from the database."""
+
+    impl = Integer
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int:
+        raise RuntimeError("this key cannot be read back")
+
+
+class DyingTask(BaseQueue):
+    """Claiming one kills the worker that tries (an unexpected error inside alchq)."""
+
+    id = Column(BrokenKey, primary_key=True)
+
+    def run(self) -> None:  # pragma: no cover - never gets this far
         pass

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, insert, select
-from sqlalchemy.schema import DropTable
 
 from alchq import Status, metadata
 from alchq._pool import QUICK_DEATH
@@ -27,7 +26,7 @@ from tests.conftest import ROOT, alchq_command, worker_env
 from tests.fault_tasks import fault_task
 from tests.flask_app import URL_VARIABLE, FlaskTask
 from tests.support import wait_until
-from tests.tasks import CountTask, run_log
+from tests.tasks import CountTask, DyingTask, run_log
 
 count_table: Any = CountTask.__table__  # type: ignore[attr-defined]
 flask_table: Any = FlaskTask.__table__
@@ -363,11 +362,14 @@ def test_thread_pool_drains_tasks_exactly_once_and_stops_on_sigterm(
 def test_a_thread_that_dies_is_replaced_until_they_keep_dying(
     sqlite_url: str, sqlite_engine: Engine, pools: Callable[..., Pool]
 ) -> None:
-    """The table goes away under running threads: each death is reported and replaced."""
+    """Each thread dies claiming a task (an unexpected error): each death is reported and
+    replaced, until they keep dying."""
+    dying = DyingTask.__table__  # type: ignore[attr-defined]
+    metadata.create_all(sqlite_engine, tables=[dying])
     pool = pools(
         *alchq_command(
             "run",
-            "tests.tasks:CountTask",
+            "tests.tasks:DyingTask",
             "--database-url",
             sqlite_url,
             "--concurrency",
@@ -377,15 +379,15 @@ def test_a_thread_that_dies_is_replaced_until_they_keep_dying(
         )
     )
     wait_until(
-        lambda: pool.output().count(" serving CountTask") == 2, 60, "2 workers", pool.describe
+        lambda: pool.output().count(" serving DyingTask") == 2, 60, "2 workers", pool.describe
     )
     with sqlite_engine.begin() as conn:
-        conn.execute(DropTable(count_table))
+        conn.execute(dying.insert().values(id=1))
 
     assert pool.wait(60) == 1, pool.describe()
     output = pool.output()
     assert re.search(
-        r"worker thread \d died \(TableMissingError: table 'count_task' .*\); "
+        r"worker thread \d died \(RuntimeError: this key cannot be read back\); "
         r"starting a new one",
         output,
     ), output

@@ -9,6 +9,7 @@ turns a failed first contact into a clear one-line error.
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import DBAPIError
@@ -18,25 +19,59 @@ from alchq import _tracking
 from alchq._dialects import Dialect, dialect_for
 from alchq._sessions import SessionSource
 from alchq._util import first_line, remember_secrets, safe_url
-from alchq.exceptions import DatabaseUnreachableError, TableMissingError
+from alchq.exceptions import DatabaseError, DatabaseUnreachableError, TableMissingError
 from alchq.model import BaseQueue, metadata, task_table
 
 logger = logging.getLogger("alchq.worker")
 
 
-class Outage:
-    """Backing off while the database is away: 0.5, 1, 2... s up to ``cap``, logged once."""
+#: While the database stays unusable, the worker says so again this often (seconds).
+REMIND_EVERY = 60.0
 
-    def __init__(self, cap: float) -> None:
+
+class Outage:
+    """Backing off while the database is unusable: 0.5, 1, 2... s up to ``cap``.
+
+    Logged in one line when it starts, again every :data:`REMIND_EVERY` seconds
+    while it lasts (a read-only database could otherwise wait in silence
+    forever), and in debug in between.
+    """
+
+    def __init__(self, cap: float, binds: Binds | None = None) -> None:
         self.cap = cap
+        self.binds = binds
         self.failures = 0
+        self._since = 0.0
+        self._reminded = 0.0
 
     def failed(self, exc: BaseException) -> float:
         """Count a failed attempt and log it; the seconds to wait before the next."""
+        now = time.monotonic()
         self.failures += 1
+        if self.failures == 1:
+            self._since = self._reminded = now
         delay: float = min(self.cap, 0.25 * 2.0**self.failures)
-        log = logger.warning if self.failures == 1 else logger.debug
-        log("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
+        dialect = (self.binds.any_dialect() if self.binds is not None else None) or Dialect()
+        if dialect.is_read_only(exc):
+            what = (
+                "the database is read-only (a replica, or a failover in progress): "
+                "nothing can be claimed"
+            )
+        elif isinstance(exc, DBAPIError) and not (
+            exc.connection_invalidated or dialect.is_transient(exc)
+        ):
+            what = "the database refuses the worker's statements"
+        else:
+            what = "database unavailable"
+        if self.failures == 1:
+            logger.warning("%s, retrying in %.1fs: %s", what, delay, first_line(exc))
+        elif now - self._reminded >= REMIND_EVERY:
+            self._reminded = now
+            logger.warning(
+                "%s for %.0fs now, still retrying: %s", what, now - self._since, first_line(exc)
+            )
+        else:
+            logger.debug("%s, retrying in %.1fs: %s", what, delay, first_line(exc))
         return delay
 
     def over(self) -> bool:
@@ -129,6 +164,10 @@ class Binds:
     def dialect_of(self, session: Session, model: type[BaseQueue]) -> Dialect:
         return self.dialect(self.engine(session, model))
 
+    def any_dialect(self) -> Dialect | None:
+        """The dialect of the (first) engine in use, once one is."""
+        return next(iter(self._dialects.values()), None)
+
     def reachable(self, engine: Engine) -> bool:
         """Does the database answer a fresh connection right now?"""
         try:
@@ -161,4 +200,23 @@ class Binds:
             return exc
         command = "flask alchq" if self.source.scoped is not None else "alchq"
         missing = table_missing(model, engine, command)
-        return missing if missing is not None else exc
+        if missing is not None:
+            return missing
+        if self.connected:
+            return exc
+        # At the first contact: one clear line instead of a traceback.
+        return DatabaseError(f"{refusal(dialect, exc)} in {safe_url(engine)}: {first_line(exc)}")
+
+
+def refusal(dialect: Dialect, exc: BaseException) -> str:
+    """Why the database refuses the worker's statements, in a few words."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    if dialect.is_read_only(exc):
+        return "the database is read-only (a read-only URL or file, or a replica)"
+    if "not a database" in text:
+        return "the file is not a database"
+    if "permission denied" in text or "insufficient privilege" in text:
+        return "the database user may not change the task table"
+    if dialect.is_schema_mismatch(exc):
+        return "the table does not match the model (a migration missing?)"
+    return "the database refused the worker's statements"

@@ -30,7 +30,7 @@ from alchq._held import Held, WorkerShutdown
 from alchq._outcome import PROCESSED, Kind, Outcome, Ran, failed, lost_connection
 from alchq._tracking import RunWatch
 from alchq.config import Settings
-from alchq.exceptions import TaskFailure
+from alchq.exceptions import TaskFailure, TaskTimeoutError
 from alchq.model import MAX_COUNTER, BaseQueue
 
 logger = logging.getLogger("alchq.worker")
@@ -74,7 +74,7 @@ class Executor:
         raised: BaseException | None = None
         tb: str | None = None
         changed: list[str] = []
-        with RunWatch(session, dbapi) as watch:
+        with RunWatch(session, held.engine, dbapi) as watch:
             try:
                 try:
                     held.in_run = True
@@ -90,6 +90,11 @@ class Executor:
                 # included: real signals reach the worker through its handlers.
                 raised, tb = exc, traceback.format_exc()
                 session = self._current(session)
+                if isinstance(exc, (TaskTimeoutError, WorkerShutdown)):
+                    # Interrupted, maybe inside a query: the connection's state is
+                    # unknown. Dropped, not reset (its reset would fail, noisily).
+                    with contextlib.suppress(Exception):
+                        self.binds.connection(session, model).invalidate()
         with contextlib.suppress(Exception):
             if raised is not None or changed:
                 session.rollback()
@@ -132,14 +137,13 @@ class Executor:
     ) -> Outcome:
         if isinstance(exc, WorkerShutdown):
             return Outcome(Kind.RELEASE, exc)
-        own = watch.owns(exc)
-        if watch.lost:
-            # The task's own connection was lost. The database down: wait for it
-            # and run the task again. The database up: a lost claim, counted.
+        if any(not held.dialect.is_read_only(e) for e in watch.disconnects):
+            # A connection to the task's database was lost. The database down:
+            # wait for it and run the task again. Up: a lost claim, counted.
             if not self.binds.reachable(held.engine):
                 return Outcome(Kind.RELEASE, exc, away=True)
             return lost_connection(held, exc, int(self.settings.max_lost_claims))
-        if own and held.dialect.is_transient(exc):
+        if watch.owns(exc) and held.dialect.is_transient(exc):
             return Outcome(Kind.RELEASE, exc, away=True)  # e.g. a read-only window
         return failed(held, exc, tb)
 

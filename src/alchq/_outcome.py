@@ -125,7 +125,9 @@ RELEASE = Outcome(Kind.RELEASE)
 
 #: How a run that lost to a concurrent transaction (a serialization failure, a
 #: deadlock, a busy SQLite file) is retried when its model has no retry policy.
-CONFLICT_RETRY = Retry(attempts=3, delay=0.5, backoff=2.0, max_delay=10.0, jitter=0.2)
+#: Concurrent transactions under SERIALIZABLE conflict often, and PostgreSQL asks
+#: for the losers to be run again: ten runs, with waits spread wide.
+CONFLICT_RETRY = Retry(attempts=10, delay=0.2, backoff=2.0, max_delay=5.0, jitter=0.5)
 
 
 def failed(held: Held, exc: BaseException, tb: str | None) -> Outcome:

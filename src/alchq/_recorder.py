@@ -362,6 +362,13 @@ class Recorder:
                     if held.dialect.is_transient(err) or err.connection_invalidated:
                         if self._aborted():
                             return  # the lease stays: a rescuer calls error() later
+                        if not outage.failures:
+                            logger.warning(
+                                "%s: error()'s writes could not be committed, the database "
+                                "connection was lost (%s); calling it again once it is back",
+                                held.label,
+                                first_line(err),
+                            )
                         time.sleep(outage.failed(err))
                         continue
                     calls += 1

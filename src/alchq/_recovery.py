@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from alchq._binds import Binds
-from alchq._dialects import Claim, Dialect, utc_now
+from alchq._dialects import Claim, Dialect, reached, utc_now
 from alchq._held import Held, label
 from alchq._monitor import Monitor
 from alchq._outcome import Kind, Outcome, Ran
@@ -44,7 +44,7 @@ def owed_error(table: Table) -> ColumnElement[bool]:
     return (
         (c.status == Status.ERROR)
         & c.alchq_lease_until.is_not(None)
-        & (c.alchq_lease_until < utc_now())
+        & reached(c.alchq_lease_until, utc_now(), strict=True)
     )
 
 
@@ -90,7 +90,6 @@ class Rescuer:
                 with contextlib.suppress(Exception):
                     session.rollback()
                 raise self.binds.diagnose(exc, model, engine) from exc
-            self.binds.connected = True
             max_lost = int(self.settings.max_lost_claims)
             for claim in back:
                 logger.warning(

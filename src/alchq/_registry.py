@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from alchq._binds import Binds
+from alchq._binds import Binds, refusal, table_missing
 from alchq._dialects import utc_now
 from alchq._liveness import process_start, running_here, this_node
 from alchq._util import first_line, safe_url
@@ -70,6 +70,8 @@ class Place:
 
     engine: Engine
     table: Table
+    #: the worker's models whose tasks live there
+    models: tuple[type[BaseQueue], ...]
 
 
 class Registry:
@@ -96,17 +98,21 @@ class Registry:
     def places(self) -> list[Place]:
         """The registry tables of the worker's models, each once."""
         if self._places is None:
-            found: dict[tuple[Engine, str], Place] = {}
+            found: dict[tuple[Engine, str], list[type[BaseQueue]]] = {}
+            tables: dict[tuple[Engine, str], Table] = {}
             session = self.binds.source.open()
             try:
                 for model in self.models:
                     engine = self.binds.engine(session, model)
                     table = workers_table(task_table(model).metadata)
-                    found.setdefault((engine, table.fullname), Place(engine, table))
+                    found.setdefault((engine, table.fullname), []).append(model)
+                    tables[engine, table.fullname] = table
             finally:
                 with contextlib.suppress(Exception):
                     self.binds.source.release(session)
-            self._places = list(found.values())
+            self._places = [
+                Place(where[0], tables[where], tuple(models)) for where, models in found.items()
+            ]
         return self._places
 
     def register(self) -> None:
@@ -122,14 +128,9 @@ class Registry:
             try:
                 self._upsert(place)
             except DBAPIError as exc:
-                for model in self.models:
-                    problem = self.binds.diagnose(exc, model, place.engine)
-                    if problem is not exc:
-                        raise problem from exc
                 if not self._create_if_missing(place):
-                    raise
+                    raise self.binds.diagnose(exc, place.models[0], place.engine) from exc
                 self._upsert(place)
-        self.binds.connected = True
         self._registered = True
 
     def heartbeat(self) -> None:
@@ -188,20 +189,34 @@ class Registry:
             conn.commit()
 
     def _create_if_missing(self, place: Place) -> bool:
-        """Create the registry table if that is what was wrong; True if it was created."""
+        """Create the registry table if that is what was wrong; True if it was created.
+
+        Not in a database without the task tables: that is the wrong database.
+        """
         table = place.table
         try:
             if inspect(place.engine).has_table(table.name, schema=table.schema):
                 return False
         except DBAPIError:
             return False
+        command = "flask alchq" if self.binds.source.scoped is not None else "alchq"
+        for model in place.models:
+            missing = table_missing(model, place.engine, command)
+            if missing is not None:
+                raise missing
         try:
             table.create(place.engine, checkfirst=True)
         except DBAPIError as err:
+            with contextlib.suppress(DBAPIError):
+                if inspect(place.engine).has_table(table.name, schema=table.schema):
+                    return True  # another worker, starting at the same moment, made it
+            dialect = self.binds.dialect(place.engine)
+            if dialect.is_transient(err):
+                raise  # e.g. a read-only window: waited out like any outage
             raise DatabaseError(
-                f"the worker registry table {table.name!r} is missing in "
-                f"{safe_url(place.engine)} and could not be created ({first_line(err)}): "
-                "create it with `alchq create-tables`, db.create_all() or a migration"
+                f"{refusal(dialect, err)} in {safe_url(place.engine)}: {first_line(err)} "
+                f"(the worker registry table {table.name!r} is missing and could not be "
+                "created: create it with `alchq create-tables`, db.create_all() or a migration)"
             ) from err
         logger.info(
             "created the worker registry table %s in %s", table.name, safe_url(place.engine)

@@ -23,6 +23,9 @@ MAX_LOG = 500
 # task data, and the link is noise in a one-line log.
 _PARAMETERS = re.compile(r"^\[parameters: .*\]$", re.MULTILINE)
 _BACKGROUND = re.compile(r"^\(Background on this error at: [^)]*\)$", re.MULTILINE)
+# PostgreSQL quotes column values in some DETAIL lines: keep the names, hide the values.
+_FAILING_ROW = re.compile(r"Failing row contains \(.*\)")
+_KEY_VALUES = re.compile(r"Key \(([^)]*)\)=\(.*?\)( already exists| is not present| conflicts)")
 #: C0 controls but tab and newline, and DEL: they break terminals and some databases.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -45,6 +48,8 @@ def clean(text: str, limit: int) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     text = _PARAMETERS.sub("[parameters hidden]", text)
+    text = _FAILING_ROW.sub("Failing row contains (values hidden)", text)
+    text = _KEY_VALUES.sub(r"Key (\1)=(values hidden)\2", text)
     text = _BACKGROUND.sub("", text).rstrip()
     text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
     # A lone surrogate cannot be encoded; show it escaped instead.

@@ -5,9 +5,10 @@ The worker must know, without guessing from exception types:
 - whether run() sent statements through the task's session since its last
   commit: a lost connection takes those uncommitted writes with it, so the
   task must run again rather than be recorded PROCESSED;
-- whether a database error came from the task's own connection (the worker's),
-  and whether that connection was lost: only that is the database being away;
-  an error from any other connection run() opened is the task's failure;
+- whether a database error came from the task's own database (the engine the
+  worker serves the task from: its session, or a connection run() took from
+  that engine), and whether a connection to it was lost: only that can be the
+  database being away; an error from any other database is the task's failure;
 - whether run() committed, or threw away uncommitted changes (a rollback, a
   closed session).
 
@@ -32,8 +33,9 @@ _current: ContextVar[RunWatch | None] = ContextVar("alchq_run_watch", default=No
 class RunWatch:
     """Watches one run of one task in ``session`` (a context manager)."""
 
-    def __init__(self, session: Session, dbapi_connection: Any) -> None:
+    def __init__(self, session: Session, engine: Engine, dbapi_connection: Any) -> None:
         self.session = session
+        self.engine = engine
         #: DB-API connections the session used during the run.
         self.connections: list[Any] = [dbapi_connection]
         #: Statements sent through them since the session's last commit.
@@ -42,14 +44,14 @@ class RunWatch:
         self.committed = False
         #: Uncommitted statements were thrown away by a rollback or close.
         self.discarded = 0
-        #: The task's own connection was lost (a disconnect error on it).
-        self.lost = False
-        #: Database errors raised on the task's own connections, newest last.
+        #: Errors that lost a connection to the task's database.
+        self.disconnects: list[BaseException] = []
+        #: Database errors raised on connections to the task's database, newest last.
         self.errors: list[BaseException] = []
         self._token: Any = None
 
     def owns(self, exc: BaseException) -> bool:
-        """Was ``exc`` (or an error it was raised from) raised on the task's own connection?"""
+        """Was ``exc`` (or an error it was raised from) raised on the task's own database?"""
         seen: set[int] = set()
         node: BaseException | None = exc
         while node is not None and id(node) not in seen:
@@ -87,15 +89,13 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
 
 def _on_error(context: ExceptionContext) -> None:
     watch = _current.get()
-    if watch is None or context.connection is None:
-        return
-    if _dbapi(context.connection) not in watch.connections:
+    if watch is None or context.engine is not watch.engine:
         return
     if context.sqlalchemy_exception is not None:
         watch.errors.append(context.sqlalchemy_exception)
     watch.errors.append(context.original_exception)
     if context.is_disconnect:
-        watch.lost = True
+        watch.disconnects.append(context.original_exception)
 
 
 def _on_begin(session: Session, transaction: Any, connection: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Table, case
 
-from alchq._dialects import utc_now
+from alchq._dialects import reached, utc_now
 from alchq.model import MAX_COUNTER, Status
 
 
@@ -27,7 +27,7 @@ def bump(counter: Any) -> Any:
 def ready(table: Table) -> ColumnElement[bool]:
     """Due tasks only, on the database's clock."""
     c = table.c
-    return (c.status == Status.PENDING) & (c.run_at <= utc_now())
+    return (c.status == Status.PENDING) & reached(c.run_at, utc_now())
 
 
 def claim_order(table: Table) -> list[Any]:
@@ -73,5 +73,5 @@ def expired(table: Table) -> ColumnElement[bool]:
     """PROCESSING rows whose lease ran out (or that never had one: written by hand)."""
     c = table.c
     return (c.status == Status.PROCESSING) & (
-        c.alchq_lease_until.is_(None) | (c.alchq_lease_until < utc_now())
+        c.alchq_lease_until.is_(None) | reached(c.alchq_lease_until, utc_now(), strict=True)
     )

@@ -54,7 +54,7 @@ from alchq._sessions import SessionSource, flask_app, resolve
 from alchq._stopping import EXIT_INTERRUPTED, REPLACED_ENV, Stopper
 from alchq._wakeup import Waiter
 from alchq.config import Settings
-from alchq.exceptions import DatabaseUnreachableError
+from alchq.exceptions import DatabaseError
 from alchq.model import BaseQueue, check_task_model, task_table
 
 __all__ = [
@@ -209,7 +209,7 @@ class Worker:
 
     def _loop(self, limit: int | None, wait: bool) -> int:
         done = 0
-        outage = Outage(self.settings.max_backoff)
+        outage = Outage(self.settings.max_backoff, self._binds)
         with self._running():
             while True:
                 self._recorder.settle_deferred()
@@ -230,12 +230,14 @@ class Worker:
                             done += 1
                             progressed = True
                     outage.over()
-                except (DatabaseUnreachableError, DBAPIError) as exc:
-                    # Unreachable before the first round trip is most likely a
-                    # wrong URL: say so and stop. A server that answers "starting
-                    # up", and any outage once running, is waited out.
-                    if not self._binds.is_transient(exc) or (
-                        isinstance(exc, DatabaseUnreachableError) and not self._binds.connected
+                except (DatabaseError, DBAPIError) as exc:
+                    # Before the first round trip that worked, a problem is most
+                    # likely the configuration (a wrong URL, a missing table, a
+                    # read-only file): say so in one line and stop. A server that
+                    # answers "starting up", and anything once running, is waited
+                    # out, said once and then every minute.
+                    if not self._binds.connected and (
+                        isinstance(exc, DatabaseError) or not self._binds.is_transient(exc)
                     ):
                         raise
                     self._waiter.wait(outage.failed(exc))

@@ -30,7 +30,7 @@ from sqlalchemy.sql.expression import ColumnClause
 
 from alchq import Status
 from tests.conftest import ROOT, alchq_command, worker_env
-from tests.fault_tasks import FaultTask, fault_done, fault_start, fault_task
+from tests.fault_tasks import FaultTask, fault_counter, fault_done, fault_start, fault_task
 from tests.pgserver import PgServer
 from tests.support import wait_until
 
@@ -52,8 +52,8 @@ RESCUE_WAIT = LEASE + RESCUE_INTERVAL + 8
 
 MODEL = "tests.fault_tasks:FaultTask"
 #: Actions whose runs leave no ``fault_done`` row.
-UNRECORDED = frozenset({"quiet", "noop", "own_connection"})
-TABLES = [fault_task, fault_start, fault_done]
+UNRECORDED = frozenset({"quiet", "noop", "own_connection", "close_session"})
+TABLES = [fault_task, fault_start, fault_done, fault_counter]
 
 
 # -- waiting -------------------------------------------------------------------------
@@ -121,11 +121,12 @@ class Workers:
         env: Mapping[str, str] | None = None,
         log_level: str = "INFO",
         url: str | None = None,
+        model: str = MODEL,
     ) -> WorkerProc:
         name = f"w{next(self._numbers)}"
         log_path = self.log_dir / f"{name}.log"
         command = alchq_command(
-            "run", MODEL, "--database-url", url or self.url, "--log-level", log_level, *args
+            "run", model, "--database-url", url or self.url, "--log-level", log_level, *args
         )
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

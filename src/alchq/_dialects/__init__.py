@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from alchq._dialects.base import Claim, Dialect, ReadyIndexKwargs, ready_index_kwargs, utc_now
+from alchq._dialects.base import (
+    Claim,
+    Dialect,
+    ReadyIndexKwargs,
+    reached,
+    ready_index_kwargs,
+    utc_now,
+)
 from alchq._dialects.mysql import MariaDBDialect, MySQLDialect
 from alchq._dialects.postgresql import PostgreSQLDialect
 from alchq._dialects.sqlite import SQLiteDialect
@@ -22,6 +29,7 @@ __all__ = [
     "Dialect",
     "ReadyIndexKwargs",
     "dialect_for",
+    "reached",
     "ready_index_kwargs",
     "utc_now",
 ]

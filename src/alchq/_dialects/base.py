@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    Boolean,
     Engine,
     Float,
     FunctionElement,
@@ -88,6 +89,38 @@ def _utc_now_mysql(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
     if offset is None:
         return "UTC_TIMESTAMP(6)"
     return f"(UTC_TIMESTAMP(6) + INTERVAL ROUND(({offset}) * 1000000) MICROSECOND)"
+
+
+class reached(FunctionElement[bool]):  # noqa: N801 - reads like SQL
+    """``moment <= when`` (``strict``: ``<``), compared as times, not as text.
+
+    SQLite stores times as text and would compare them as text: a ``run_at``
+    written by another tool as ``2026-01-01T10:00:00`` would sort after
+    ``2026-01-01 23:00:00`` and never come due. There the comparison goes
+    through ``julianday()``, and a value that is no time at all counts as
+    reached, so its row is claimed and reported (it cannot be loaded) instead
+    of waiting forever without a word.
+    """
+
+    type = Boolean()
+    inherit_cache = True
+
+    def __init__(self, moment: Any, when: Any, strict: bool = False) -> None:
+        self.strict = strict
+        super().__init__(moment, when)
+
+
+@compiles(reached)
+def _reached_default(element: reached, compiler: SQLCompiler, **kw: Any) -> str:
+    moment, when = (compiler.process(c, **kw) for c in element.clauses)
+    return f"({moment} {'<' if element.strict else '<='} {when})"
+
+
+@compiles(reached, "sqlite")
+def _reached_sqlite(element: reached, compiler: SQLCompiler, **kw: Any) -> str:
+    moment, when = (compiler.process(c, **kw) for c in element.clauses)
+    op = "<" if element.strict else "<="
+    return f"(julianday({moment}) IS NULL OR julianday({moment}) {op} julianday({when}))"
 
 
 ReadyIndexKwargs = dict[str, Any]

@@ -53,6 +53,17 @@ def _connect_timeout(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str,
     cparams.setdefault("connect_timeout", 10)
 
 
+def _read_only_is_a_disconnect(context: Any) -> None:
+    """A read-only server (a failover turned it into a replica, or
+    default_transaction_read_only) keeps its pooled connections read-only:
+    drop them, so the next ones may reach a writable server."""
+    if (
+        _sqlstate(context.original_exception) == "25006"
+        or _sqlstate(context.sqlalchemy_exception) == "25006"
+    ):
+        context.is_disconnect = True
+
+
 _BUSY_MESSAGES = (
     "the database system is starting up",
     "the database system is shutting down",
@@ -85,8 +96,8 @@ _MISMATCH_SQLSTATES = frozenset({"42703", "42P01"})  # undefined column, undefin
 _BUSY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
+def _sqlstate(exc: BaseException | None) -> str | None:
+    orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code if isinstance(code, str) else None
 
@@ -106,6 +117,8 @@ class PostgreSQLDialect(Dialect):
 
     def prepare_engine(self, engine: Engine) -> None:
         on_connect(engine, _set_keepalive)
+        if not event.contains(engine, "handle_error", _read_only_is_a_disconnect):
+            event.listen(engine, "handle_error", _read_only_is_a_disconnect)
         if not event.contains(engine, "do_connect", _connect_timeout):
             event.listen(engine, "do_connect", _connect_timeout)
 
