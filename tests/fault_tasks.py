@@ -116,12 +116,18 @@ def _hold_the_gil(seconds: float) -> None:
     ctypes.PyDLL(None).sleep(int(seconds))
 
 
+def worker_pid() -> int:
+    """The pid of the ``alchq run`` command this task runs under (its supervisor's, as
+    every worker process of the command has one), so tests can tell workers apart."""
+    return int(os.environ.get("ALCHQ_SUPERVISOR_PID") or os.getpid())
+
+
 def _marker(name: str) -> Path:
     return Path(os.environ.get("FAULT_MARKERS", "/tmp")) / name
 
 
 #: Actions that spend ``sleep`` themselves, after writing.
-SLEEPS_ITSELF = frozenset({"idle_timeout", "cte_write", "function_write", "gil"})
+SLEEPS_ITSELF = frozenset({"idle_timeout", "cte_write", "function_write", "gil", "gil_hard"})
 
 
 def _retry() -> Retry | None:
@@ -163,7 +169,7 @@ class FaultTask(BaseQueue):
             return
         if self.action == "quiet":
             with open(os.path.join(os.environ["FAULT_QUIET_DIR"], f"{self.id}.starts"), "a") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{worker_pid()}\n")
             time.sleep((self.sleep or 0) / 1000)
             return
         session = object_session(self)
@@ -171,7 +177,7 @@ class FaultTask(BaseQueue):
         bind = session.get_bind()
         engine = bind if isinstance(bind, Engine) else bind.engine
         with engine.connect() as conn:  # committed at once, whatever happens next
-            conn.execute(insert(fault_start).values(task_id=self.id, pid=os.getpid()))
+            conn.execute(insert(fault_start).values(task_id=self.id, pid=worker_pid()))
             conn.commit()
         action = self.action or "ok"
         if action == "spin":
@@ -208,11 +214,11 @@ class FaultTask(BaseQueue):
             raise ValueError("task failed")
         if action == "bad_error":
             raise ValueError("task failed, and its error() will fail too")
-        session.execute(insert(fault_done).values(task_id=self.id, pid=os.getpid()))
+        session.execute(insert(fault_done).values(task_id=self.id, pid=worker_pid()))
 
     def _hardening(self, action: str, session: Session, engine: Engine) -> bool:
         """The hardening issue's actions; True if ``action`` was one that returns."""
-        write = insert(fault_done).values(task_id=self.id, pid=os.getpid())
+        write = insert(fault_done).values(task_id=self.id, pid=worker_pid())
         if action == "other_db":
             create_engine(os.environ["FAULT_DEAD_URL"]).connect()
         elif action == "sqlite_unopenable":
@@ -295,12 +301,12 @@ class FaultTask(BaseQueue):
                     "WITH d AS (INSERT INTO fault_done (task_id, pid) VALUES (:t, :p) "
                     "RETURNING id) SELECT id FROM d"
                 ),
-                {"t": self.id, "p": os.getpid()},
+                {"t": self.id, "p": worker_pid()},
             )
             time.sleep((self.sleep or 0) / 1000)
             return True
         elif action == "function_write":
-            session.execute(text("SELECT fault_write(:t, :p)"), {"t": self.id, "p": os.getpid()})
+            session.execute(text("SELECT fault_write(:t, :p)"), {"t": self.id, "p": worker_pid()})
             time.sleep((self.sleep or 0) / 1000)
             return True
         elif action == "pg_sleep":

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 
 from alchq._held import Held
-from alchq._util import first_line
+from alchq._link import link
+from alchq._util import first_line, helper_thread
 
 logger = logging.getLogger("alchq.worker")
 
@@ -50,8 +51,7 @@ class Monitor:
     def start(self) -> None:
         if self._thread is None:
             self._closed = False
-            self._thread = threading.Thread(target=self._main, name="alchq-monitor", daemon=True)
-            self._thread.start()
+            self._thread = helper_thread(self._main, "alchq-monitor")
 
     def close(self) -> None:
         with self._cond:
@@ -62,16 +62,30 @@ class Monitor:
         self._thread = None
 
     def hold(self, held: Held) -> None:
-        """Watch ``held`` (the task now in hand) until :meth:`drop`."""
+        """Watch ``held`` (the task now in hand) until :meth:`drop`; tell the supervisor."""
         with self._cond:
             self._held = held
             self._cond.notify_all()
+        link.send(
+            "hold",
+            id=held.worker_id,
+            model=f"{held.model.__module__}:{held.model.__qualname__}",
+            pk=[str(v) for v in held.claim.pk],
+            token=held.claim.token,
+            phase=held.phase,
+            limit=held.time_limit,
+            # SIGALRM interrupts the task only where its handler runs: the main thread.
+            alarm=held.thread_id == threading.main_thread().ident,
+        )
 
     def drop(self, held: Held) -> None:
         with self._cond:
-            if self._held is held:
+            dropped = self._held is held
+            if dropped:
                 self._held = None
             self._cond.notify_all()
+        if dropped:
+            link.send("drop", id=held.worker_id)
 
     @property
     def held(self) -> Held | None:

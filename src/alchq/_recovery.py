@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Table, delete, select, update
@@ -58,7 +59,7 @@ class Rescuer:
         monitor: Monitor,
         recorder: Recorder,
         settings: Settings,
-        adopt: str | None = None,
+        adopt: Sequence[str] = (),
     ) -> None:
         self.worker_id = worker_id
         self.binds = binds
@@ -66,8 +67,9 @@ class Rescuer:
         self.monitor = monitor
         self.recorder = recorder
         self.settings = settings
-        #: The worker this process replaced (same pid, exec): its claims are lost now.
-        self._adopt = adopt
+        #: Workers this one replaced (its process's former self, or a dead process's):
+        #: their claims are lost now, whatever their rows say.
+        self._adopt = list(adopt)
         self._next = 0.0
 
     def maybe_rescue(self, models: list[type[BaseQueue]]) -> None:
@@ -77,7 +79,7 @@ class Rescuer:
         self._next = time.monotonic() + self.settings.rescue_interval
         for model in models:
             self.rescue(model)
-        self._adopt = None
+        self._adopt = []
 
     def rescue(self, model: type[BaseQueue]) -> None:
         """Put tasks of lost workers back, end them once lost too often, finish their error()."""
@@ -117,12 +119,12 @@ class Rescuer:
         dialect = self.binds.dialect(engine)
         workers = workers_table(table.metadata)
         conn = self.binds.connection(session, model, bookkeeping=True)
-        if self._adopt is not None:
-            # This process replaced that worker: it is gone, whatever its row says.
-            conn.execute(delete(workers).where(workers.c.id == self._adopt))
+        if self._adopt:
+            # This worker replaced those: they are gone, whatever their rows say.
+            conn.execute(delete(workers).where(workers.c.id.in_(self._adopt)))
             conn.execute(
                 update(table)
-                .where(c.alchq_worker == self._adopt, c.alchq_lease_until.is_not(None))
+                .where(c.alchq_worker.in_(self._adopt), c.alchq_lease_until.is_not(None))
                 .values(alchq_lease_until=utc_now(-1))
             )
         owners = lost_owners(conn, table, expired(table) | owed_error(table))

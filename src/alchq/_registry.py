@@ -41,6 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from alchq._binds import Binds, refusal, table_missing
 from alchq._dialects import utc_now
+from alchq._link import link
 from alchq._liveness import process_start, running_here, this_node
 from alchq._util import first_line, safe_url
 from alchq._version import __version__
@@ -154,6 +155,7 @@ class Registry:
         if not self._registered:
             return
         self._registered = False
+        link.send("bye", id=self.worker_id)
         for place in self.places():
             try:
                 with self.binds.connect(place.engine) as conn:
@@ -222,6 +224,21 @@ class Registry:
             "created the worker registry table %s in %s", table.name, safe_url(place.engine)
         )
         return True
+
+
+def renew(binds: Binds, places: Sequence[Place], ids: Sequence[str], lease: float) -> None:
+    """Renew the registry rows of workers ``ids`` (their supervisor's heartbeat)."""
+    if not ids:
+        return
+    for place in places:
+        with binds.connect(place.engine) as conn:
+            with binds.dialect(place.engine).short_lock_wait(conn, 1.0):
+                conn.execute(
+                    update(place.table)
+                    .where(place.table.c.id.in_(list(ids)))
+                    .values(heartbeat_at=utc_now(), expires_at=utc_now(lease))
+                )
+                conn.commit()
 
 
 def lost_owners(conn: Connection, table: Table, expired: ColumnElement[bool]) -> list[Any]:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from alchq._binds import Binds
 from alchq._dialects import utc_now
-from alchq._util import first_line
+from alchq._util import first_line, helper_thread
 from alchq.config import Settings
 from alchq.model import BaseQueue, schedules_of, task_table, ticks_table
 from alchq.scheduling import Periodic
@@ -83,10 +83,7 @@ class Scheduler:
             return
         self._stop.clear()
         wait = self.check_safely()
-        self._thread = threading.Thread(
-            target=self._loop, args=(wait,), name="alchq-scheduler", daemon=True
-        )
-        self._thread.start()
+        self._thread = helper_thread(self._loop, "alchq-scheduler", wait)
 
     def close(self) -> None:
         self._stop.set()

@@ -32,6 +32,7 @@ from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
 from alchq._outcome import RELEASE, failed
 from alchq._recorder import Recorder
+from alchq._util import helper_thread
 from alchq.config import Settings
 from alchq.exceptions import TaskTimeoutError
 
@@ -61,7 +62,8 @@ class Stopper:
         self.event = threading.Event()
         #: Set once the worker must stop now (not only after the task in hand).
         self.aborted = False
-        self._grace_timer: threading.Timer | None = None
+        self._grace_over = threading.Event()
+        self._grace_timer: threading.Thread | None = None
 
     @property
     def stopping(self) -> bool:
@@ -76,13 +78,15 @@ class Stopper:
         """Stop; the task in hand has ``grace`` seconds to finish, then is stopped now."""
         self.stop()
         if self._grace_timer is None:
-            self._grace_timer = threading.Timer(grace, self.grace_expired)
-            self._grace_timer.daemon = True
-            self._grace_timer.start()
+
+            def timer() -> None:
+                if not self._grace_over.wait(grace):
+                    self.grace_expired()
+
+            self._grace_timer = helper_thread(timer, "alchq-grace")
 
     def close(self) -> None:
-        if self._grace_timer is not None:
-            self._grace_timer.cancel()
+        self._grace_over.set()
 
     def grace_expired(self) -> None:
         held = self.monitor.held
@@ -181,6 +185,16 @@ class Stopper:
 
         def on_alarm(signum: int, frame: FrameType | None) -> None:
             held = self.monitor.held
+            if (
+                held is not None
+                and held.interrupt is None
+                and held.in_run
+                and time.monotonic() - held.started >= held.time_limit
+            ):
+                # Past its limit before the monitor thread could say so (a task
+                # holding the interpreter starves it): the supervisor's alarm.
+                held.interrupt = "timeout"
+                held.hard_deadline = time.monotonic() + self.settings.kill_after
             if held is not None and held.interrupt == "timeout" and held.in_run:
                 held.in_run = False  # raise once
                 raise TaskTimeoutError(

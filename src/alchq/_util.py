@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import URL, Engine, make_url
 
@@ -81,3 +85,21 @@ def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     line = _text.one_line(_text.message(orig, _text.MAX_LOG * 2))
     return line or type(orig).__name__
+
+
+def helper_thread(target: Callable[..., object], name: str, *args: Any) -> threading.Thread:
+    """A daemon thread of alchq's own, started, that never takes SIGALRM.
+
+    A process-wide SIGALRM (a supervisor's "time is up") must reach the main
+    thread, where its handler interrupts the task: a signal delivered to
+    another thread would not wake the main thread from a blocking call.
+    """
+
+    def main() -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        target(*args)
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    return thread

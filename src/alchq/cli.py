@@ -33,7 +33,7 @@ from alchq._commands import (
     make_engine,
     prune_tables,
 )
-from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
+from alchq._pool import CONCURRENCY_ENV, POOLS, error_status, run_pool
 from alchq.exceptions import AlchqError
 from alchq.model import BaseQueue
 
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AlchqError as exc:
         logging.getLogger("alchq").debug("details", exc_info=True)
         print(f"alchq: error: {exc}", file=sys.stderr)
-        return 1
+        return error_status()
     except KeyboardInterrupt:
         print("alchq: interrupted", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ from alchq._commands import (
     load_models,
     prune_tables,
 )
-from alchq._pool import CONCURRENCY_ENV, POOLS, run_pool
+from alchq._pool import CONCURRENCY_ENV, POOLS, error_status, run_pool
 from alchq._sessions import flask_app, flask_db
 from alchq.exceptions import AlchqError, NoDatabaseError
 
@@ -51,7 +51,7 @@ def _fail_cleanly(fn: F) -> F:
             return fn(*args, **kwargs)
         except AlchqError as exc:
             click.echo(f"alchq: error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(error_status())
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

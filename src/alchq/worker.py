@@ -44,6 +44,7 @@ from alchq._claimer import Claimer
 from alchq._dialects import Claim
 from alchq._executor import Executor
 from alchq._held import Held, WorkerShutdown
+from alchq._link import ADOPT_ENV, SUPERVISOR_PID_ENV
 from alchq._monitor import Monitor
 from alchq._prune import prune_periodically
 from alchq._recorder import Recorder
@@ -113,7 +114,10 @@ class Worker:
         elif poll_interval is not None:  # the explicit argument wins, as everywhere
             settings = dataclasses.replace(settings, poll_interval=poll_interval)
         self.settings = settings
-        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # host:pid:random, the pid being the command's: a supervised worker
+        # process's supervisor (the registry also records the process's own pid).
+        pid = os.environ.get(SUPERVISOR_PID_ENV) or os.getpid()
+        self.id = name or f"{socket.gethostname()}:{pid}:{secrets.token_hex(3)}"
         self._app = flask_app()
         self._next_prune = 0.0
         self._waiter = Waiter()
@@ -139,7 +143,7 @@ class Worker:
             self._monitor,
             self._recorder,
             self.settings,
-            adopt=os.environ.pop(REPLACED_ENV, None),
+            adopt=_adopted(),
         )
         self._scheduler = Scheduler(
             self.models if scheduler else (), self._binds, self.settings, self.app_context
@@ -348,6 +352,13 @@ def _detach(session: Session, task: BaseQueue | None) -> None:
         pass  # the database went away; the task object stays as it was
     finally:
         session.close()
+
+
+def _adopted() -> list[str]:
+    """Workers whose claims this one takes over at once: the one this process replaced
+    (exec), or those of the worker process its supervisor started it in place of."""
+    ids = [os.environ.pop(REPLACED_ENV, "")] + os.environ.pop(ADOPT_ENV, "").split(",")
+    return [i for i in ids if i]
 
 
 def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[BaseQueue], ...]:

@@ -427,21 +427,14 @@ def test_abnormal_endings(queue: Queue, workers: Workers) -> None:
 
 
 def test_os_exit_is_a_lost_claim(queue: Queue, workers: Workers) -> None:
-    """os._exit() in run(): rescued through the lease; lost three times, WorkerLostError."""
+    """os._exit() in run(): a lost claim (its supervisor starts a new worker process,
+    which takes it over at once); lost three times, WorkerLostError."""
     once, always = queue.add_many([{"action": "os_exit_once"}, {"action": "os_exit"}])
     others = queue.add(3, action="ok")
-    deaths: list[int] = []
-    deadline = time.monotonic() + 60
-    while not queue.settled():
-        assert time.monotonic() < deadline, f"{queue.describe()}\n{workers.describe()}"
-        for w in workers.procs:
-            if not w.alive() and w.pid not in deaths:
-                deaths.append(w.pid)
-                assert w.wait() == 9, w.output()
-        if not workers.alive():
-            workers.start()  # a supervisor restarting the worker each time it died
-        time.sleep(0.1)
+    w = workers.start()
+    _settled(queue, workers, 60)
     _error_called(queue, always)
+    deaths = re.findall(r"died \(exit status 9\); starting a new one", w.output())
     rows = queue.rows()
     assert rows[once].status == Status.PROCESSED
     assert rows[once].alchq_lost_claims == 1 and rows[once].alchq_attempts == 2
@@ -452,7 +445,8 @@ def test_os_exit_is_a_lost_claim(queue: Queue, workers: Workers) -> None:
     assert len(queue.starts(always)) == 3
     assert rows[always].errors == 1
     assert all(rows[t].status == Status.PROCESSED for t in others)
-    assert len(deaths) == 4
+    assert len(deaths) == 4, w.output()
+    assert w.alive()
     check_invariants(queue, describe=workers.describe)
     workers.stop_all_cleanly()
 

@@ -24,6 +24,7 @@ from tests.conftest import run_alchq
 from tests.fault_tasks import fault_counter
 from tests.faults.conftest import (
     GRACE_PERIOD,
+    LEASE,
     PgDatabase,
     Queue,
     WorkerProc,
@@ -353,6 +354,50 @@ def test_bad_model_settings_are_refused_before_anything_is_claimed(
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert model in lines[0] and attribute in lines[0], lines[0]
     assert queue.row(task).status == Status.PENDING
+
+
+# -- 8. a task that holds the interpreter ------------------------------------------------------
+
+
+def test_a_task_holding_the_interpreter_is_never_taken_over(queue: Queue, workers: Workers) -> None:
+    """Its worker's own threads cannot run for twice the lease: the supervisor keeps it."""
+    (task,) = queue.add(action="gil", sleep=int(LEASE * 2000))
+    first = workers.start()
+    wait_until(lambda: first.pid in queue.starts(task), 20, "the task to start", first.tail)
+    second = workers.start()  # idle, looking for lost claims every second
+    _settled(queue, workers, LEASE * 2 + 20)
+    row = queue.row(task)
+    assert row.status == Status.PROCESSED, row
+    assert row.alchq_attempts == 1 and row.alchq_lost_claims == 0, row
+    assert queue.starts(task) == [first.pid]
+    assert "lost" not in second.output()
+    check_invariants(queue)
+    workers.stop_all_cleanly()
+
+
+@pytest.mark.parametrize("action", ["gil", "gil_hard"])
+def test_a_task_holding_the_interpreter_past_its_time_limit_is_stopped(
+    queue: Queue, workers: Workers, action: str
+) -> None:
+    """Stopped within kill_after of its limit: by the supervisor's signal, or, when it
+    ignores that, by replacing its worker process; the worker carries on."""
+    slow, after = queue.add_many([{"action": action, "sleep": 30_000}, {"action": "ok"}])
+    w = workers.start(env={"FAULT_TIME_LIMIT": "2"})
+    wait_until(lambda: queue.starts(slow), 20, "the task to start", w.tail)
+    started = time.monotonic()
+    wait_until(lambda: queue.row(slow).status == Status.ERROR, 30, "the timeout", w.tail)
+    took = time.monotonic() - started
+    assert took < 2 + 1 + 2.5, f"stopped {took:.1f}s after it started (limit 2s, kill_after 1s)"
+    _settled(queue, workers)
+    _errors_called(queue, slow)
+    row = queue.row(slow)
+    assert row.alchq_error_type == TIMEOUT, row
+    assert queue.row(after).status == Status.PROCESSED
+    assert w.alive()
+    if action == "gil_hard":
+        assert "replacing its worker process" in w.output(), w.output()
+    check_invariants(queue)
+    workers.stop_all(timeout=20)
 
 
 # -- 9. a signal during a claim -------------------------------------------------------------------
