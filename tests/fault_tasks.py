@@ -80,6 +80,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, object_session
 from sqlalchemy.types import TypeDecorator
 
 from alchq import BaseQueue, Retry, Status, metadata
+from tests.support import worker_pid
 
 fault_start = Table(
     "fault_start",
@@ -114,12 +115,6 @@ class BadMessage(Exception):
 def _hold_the_gil(seconds: float) -> None:
     """Sleep in C without releasing the interpreter (a long C call, a catastrophic regex)."""
     ctypes.PyDLL(None).sleep(int(seconds))
-
-
-def worker_pid() -> int:
-    """The pid of the ``alchq run`` command this task runs under (its supervisor's, as
-    every worker process of the command has one), so tests can tell workers apart."""
-    return int(os.environ.get("ALCHQ_SUPERVISOR_PID") or os.getpid())
 
 
 def _marker(name: str) -> Path:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import object_session
 
 from alchq import BaseQueue, Periodic
 from alchq.flask import Alchq
+from tests.support import worker_pid
 from tests.tasks import run_log
 
 URL_VARIABLE = "TEST_DATABASE_URL"
@@ -39,7 +40,7 @@ class FlaskTask(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
         if object_session(self) is not db.session():
             raise RuntimeError("the worker did not use the app's db.session")
         self.note = f"{current_app.name} pid={os.getpid()}"
-        db.session.execute(insert(run_log).values(task_id=self.id, pid=os.getpid()))
+        db.session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
 
 
 class FlaskPeriodic(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
@@ -55,6 +56,30 @@ class FlaskPeriodic(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
         if object_session(self) is not db.session():
             raise RuntimeError("the worker did not use the app's db.session")
         self.note = "ran"
+
+
+class FlaskRemover(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
+    """run() or error() that call Flask-SQLAlchemy's ``db.session.remove()`` (``mode``)."""
+
+    __tablename__ = "flask_remover"
+
+    id = db.Column(db.Integer, primary_key=True)
+    mode = db.Column(db.String(30))
+    note = db.Column(db.String(200))
+
+    def run(self) -> None:
+        db.session.remove()
+        if self.mode == "remove_then_raise":
+            raise ValueError("removed its session, then failed")
+        if self.mode == "error_removes":
+            raise ValueError("fails; its error() removes the session")
+        # Goes on with db.session: a new session, whose writes commit with PROCESSED.
+        db.session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
+
+    def error(self, exc: BaseException) -> None:
+        db.session.execute(insert(run_log).values(task_id=-self.id, pid=worker_pid()))
+        if self.mode == "error_removes":
+            db.session.remove()
 
 
 def _database_url() -> str:

@@ -17,7 +17,6 @@ PROCESSED, so "processed exactly once" can be counted in the database.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_sessio
 from sqlalchemy.sql.dml import Insert
 
 from alchq import BaseQueue, Periodic, UTCDateTime
+from tests.support import worker_pid
 
 
 class PeriodicBase(DeclarativeBase):
@@ -58,7 +58,7 @@ class _Logged(BaseQueue):
         session = object_session(self)
         assert session is not None
         session.execute(
-            insert(run_log).values(model=type(self).__name__, task_id=self.id, pid=os.getpid())
+            insert(run_log).values(model=type(self).__name__, task_id=self.id, pid=worker_pid())
         )
 
 

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, object_session
 
 from alchq import BaseQueue, Retry, Snooze, UTCDateTime, metadata
 from alchq._dialects import dialect_for, utc_now
+from tests.support import worker_pid
 
 run_log = Table(
     "sch_run_log",
@@ -101,7 +102,7 @@ def record_attempt(task: BaseQueue) -> None:
 def record_run(task: BaseQueue) -> None:
     """One sch_run_log row, in the task's transaction (kept only if it is PROCESSED)."""
     _session(task).execute(
-        insert(run_log).values(model=type(task).__name__, task_id=_id(task), pid=os.getpid())
+        insert(run_log).values(model=type(task).__name__, task_id=_id(task), pid=worker_pid())
     )
 
 

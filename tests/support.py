@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,3 +35,9 @@ def wait_until(
                 message += "\n" + describe()
             raise AssertionError(message)
         time.sleep(interval)
+
+
+def worker_pid() -> int:
+    """The pid of the ``alchq run`` command a task runs under (its supervisor's, as
+    every worker process of the command has one), so tests can tell workers apart."""
+    return int(os.environ.get("ALCHQ_SUPERVISOR_PID") or os.getpid())

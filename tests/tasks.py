@@ -7,7 +7,6 @@ database.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from sqlalchemy.orm import object_session
 from sqlalchemy.types import TypeDecorator
 
 from alchq import BaseQueue, metadata
+from tests.support import worker_pid
 
 run_log = Table(
     "run_log",
@@ -38,7 +38,7 @@ class CountTask(BaseQueue):
             time.sleep(self.sleep / 1000)
         session = object_session(self)
         assert session is not None
-        session.execute(insert(run_log).values(task_id=self.id, pid=os.getpid()))
+        session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
         if self.fail:
             raise RuntimeError(self.fail)
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from alchq import Status, metadata
 from tests.conftest import ROOT, run_alchq, worker_env
-from tests.flask_app import URL_VARIABLE, FlaskPeriodic, FlaskTask
+from tests.flask_app import URL_VARIABLE, FlaskPeriodic, FlaskRemover, FlaskTask
 from tests.tasks import CountTask, run_log
 
 count_table: Any = CountTask.__table__  # type: ignore[attr-defined]
@@ -266,7 +266,7 @@ def test_burst_on_an_empty_queue_exits_zero(engine: Engine, db_url: str) -> None
 
 def test_create_tables_then_run(engine: Engine, db_url: str) -> None:
     proc = ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", db_url))
-    assert proc.stdout.strip() == "created (if missing): count_task"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
     insp = inspect(engine)
     assert insp.has_table("count_task")
     assert "ix_count_task_alchq_ready" in {ix["name"] for ix in insp.get_indexes("count_task")}
@@ -289,7 +289,7 @@ def test_create_tables_of_several_models(engine: Engine, db_url: str) -> None:
             db_url,
         )
     )
-    assert proc.stdout.strip() == "created (if missing): parent, child"
+    assert proc.stdout.strip() == "created (if missing): parent, child, alchq_workers"
     insp = inspect(engine)
     assert insp.has_table("parent") and insp.has_table("child")
     assert not insp.has_table("count_task")
@@ -482,7 +482,7 @@ def test_flask_run_burst(engine: Engine, db_url: str) -> None:
 def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> None:
     metadata.create_all(engine, tables=[run_log])
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskTask"))
-    assert proc.stdout.strip() == "created (if missing): flask_task"
+    assert proc.stdout.strip() == "created (if missing): flask_task, alchq_workers"
     with engine.begin() as conn:
         conn.execute(insert(flask_table), [{"note": None}, {"note": None}])
 
@@ -499,7 +499,7 @@ def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> N
 
 def test_flask_worker_creates_and_runs_periodic_tasks(engine: Engine, db_url: str) -> None:
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskPeriodic"))
-    assert proc.stdout.strip() == "created (if missing): flask_periodic, alchq_ticks"
+    assert proc.stdout.strip() == "created (if missing): flask_periodic, alchq_workers, alchq_ticks"
     worker_proc = subprocess.Popen(
         flask_command(
             "tests.flask_app",
@@ -537,7 +537,7 @@ def test_flask_worker_creates_and_runs_periodic_tasks(engine: Engine, db_url: st
 
 def test_flask_create_tables(engine: Engine, db_url: str) -> None:
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.tasks:CountTask"))
-    assert proc.stdout.strip() == "created (if missing): count_task"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
     assert inspect(engine).has_table("count_task")
 
     run_log.create(engine)
@@ -577,6 +577,29 @@ def test_flask_database_unreachable_hides_password() -> None:
     line = clean_error(proc)
     assert "127.0.0.1" in line
     assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_run_and_error_that_remove_flask_sqlalchemys_session(engine: Engine, db_url: str) -> None:
+    """db.session.remove() in run() or error(): each task ends in a defined state, error()
+    is called when it should be, and the worker carries on."""
+    table = FlaskRemover.__table__
+    metadata.create_all(engine, tables=[run_log])
+    FlaskRemover.metadata.create_all(engine, tables=[table])
+    with engine.begin() as conn:
+        ids = [
+            conn.execute(insert(table).values(mode=m).returning(table.c.id)).scalar_one()
+            for m in ("remove_then_write", "remove_then_raise", "error_removes")
+        ]
+    proc = flask(db_url, "alchq", "run", "tests.flask_app:FlaskRemover", "--burst")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    with engine.connect() as conn:
+        status: dict[int, str] = dict(conn.execute(select(table.c.id, table.c.status)).all())
+        logged = set(conn.execute(select(run_log.c.task_id)).scalars())
+    wrote, raised, error_removes = ids
+    assert status[wrote] == "PROCESSED" and wrote in logged  # its writes after remove() kept
+    assert status[raised] == "ERROR" and -raised in logged  # error() called, its write kept
+    assert status[error_removes] == "ERROR" and -error_removes not in logged  # discarded...
+    assert "error() closed its session" in proc.stderr  # ...and said so
 
 
 def test_flask_app_without_flask_sqlalchemy(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, fix_userinfo, mask_urls_in, remember_secrets, safe_url
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError, DatabaseError
-from alchq.model import BaseQueue, Status, task_table, ticks_table
+from alchq.model import BaseQueue, Status, task_table, ticks_table, workers_table
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -106,12 +106,12 @@ def _burst_limit(worker: Worker, limit: int) -> int:
 
 def create_tables(models: Sequence[type[BaseQueue]], engine: Engine) -> list[str]:
     """Create the tables (and indexes) of ``models`` that do not exist yet."""
-    tables = [m.__table__ for m in models]  # type: ignore[attr-defined]
+    tables = [task_table(m) for m in models]
     for model in models:
+        extra = [workers_table(task_table(model).metadata)]  # the worker registry
         if model.alchq_periodic:  # the scheduler's table comes with the model
-            ticks = ticks_table(model.__table__.metadata)  # type: ignore[attr-defined]
-            if ticks not in tables:
-                tables.append(ticks)
+            extra.append(ticks_table(task_table(model).metadata))
+        tables.extend(t for t in extra if t not in tables)
     by_metadata: dict[int, list[Any]] = {}
     for table in tables:
         by_metadata.setdefault(id(table.metadata), []).append(table)

@@ -639,10 +639,13 @@ def test_no_password_in_output(pg_db: PgDatabase, tmp_path: Path) -> None:
             pg_db.server.restart("immediate")
             _settled(queue, workers, 60)
             pair = workers.alive()
-            seen = {w.name: w.output().count("database unavailable") for w in pair}
+            # The idle workers notice it at their next poll or heartbeat (whichever
+            # uses the pool's dead connection first), and log it.
+            noticed = "terminating connection due to administrator command"
+            seen = {w.name: w.output().count(noticed) for w in pair}
             pg_db.terminate_backends()
-            wait_until(  # the idle workers notice it at their next poll, and log it
-                lambda: all(w.output().count("database unavailable") > seen[w.name] for w in pair),
+            wait_until(
+                lambda: all(w.output().count(noticed) > seen[w.name] for w in pair),
                 20,
                 describe=workers.describe,
             )
