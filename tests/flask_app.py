@@ -15,13 +15,11 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import insert
 from sqlalchemy.orm import object_session
 
 from alchq import BaseQueue, Periodic
 from alchq.flask import Alchq
-from tests.support import worker_pid
-from tests.tasks import run_log
+from tests.tasks import ran
 
 URL_VARIABLE = "TEST_DATABASE_URL"
 
@@ -40,7 +38,7 @@ class FlaskTask(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
         if object_session(self) is not db.session():
             raise RuntimeError("the worker did not use the app's db.session")
         self.note = f"{current_app.name} pid={os.getpid()}"
-        db.session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
+        db.session.execute(ran(self.id))
 
 
 class FlaskPeriodic(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
@@ -74,10 +72,10 @@ class FlaskRemover(BaseQueue, db.Model):  # type: ignore[name-defined,misc]
         if self.mode == "error_removes":
             raise ValueError("fails; its error() removes the session")
         # Goes on with db.session: a new session, whose writes commit with PROCESSED.
-        db.session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
+        db.session.execute(ran(self.id))
 
     def error(self, exc: BaseException) -> None:
-        db.session.execute(insert(run_log).values(task_id=-self.id, pid=worker_pid()))
+        db.session.execute(ran(-self.id))
         if self.mode == "error_removes":
             db.session.remove()
 

@@ -7,11 +7,13 @@ database.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from sqlalchemy import Column, Dialect, ForeignKey, Integer, String, Table, insert
 from sqlalchemy.orm import object_session
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
 
 from alchq import BaseQueue, metadata
@@ -22,8 +24,15 @@ run_log = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("task_id", Integer, nullable=False),
+    # The ``alchq run`` command's pid, and the worker process's that ran it.
     Column("pid", Integer, nullable=False),
+    Column("process", Integer, nullable=False),
 )
+
+
+def ran(task_id: Any) -> Insert:
+    """The run_log row of a run of ``task_id`` in this process."""
+    return insert(run_log).values(task_id=task_id, pid=worker_pid(), process=os.getpid())
 
 
 class CountTask(BaseQueue):
@@ -38,7 +47,7 @@ class CountTask(BaseQueue):
             time.sleep(self.sleep / 1000)
         session = object_session(self)
         assert session is not None
-        session.execute(insert(run_log).values(task_id=self.id, pid=worker_pid()))
+        session.execute(ran(self.id))
         if self.fail:
             raise RuntimeError(self.fail)
 

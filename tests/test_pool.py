@@ -192,10 +192,11 @@ def settled(engine: Engine, table: Any = count_table) -> bool:
 
 
 def runs(engine: Engine) -> dict[str, Any]:
-    """What run_log says: how many runs, of how many tasks, by which pids."""
+    """What run_log says: how many runs, of how many tasks, by which worker processes."""
+    process = run_log.c.process
     with engine.connect() as conn:
         per_pid: dict[Any, Any] = dict(
-            conn.execute(select(run_log.c.pid, func.count()).group_by(run_log.c.pid)).all()
+            conn.execute(select(process, func.count()).group_by(process)).all()
         )
         return {
             "runs": conn.scalar(select(func.count()).select_from(run_log)),
