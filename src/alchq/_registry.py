@@ -129,9 +129,12 @@ class Registry:
             try:
                 self._upsert(place)
             except DBAPIError as exc:
-                if not self._create_if_missing(place):
+                if not self._ensure_table(place):
                     raise self.binds.diagnose(exc, place.models[0], place.engine) from exc
-                self._upsert(place)
+                try:
+                    self._upsert(place)
+                except DBAPIError as again:
+                    raise self.binds.diagnose(again, place.models[0], place.engine) from again
         self._registered = True
 
     def heartbeat(self) -> None:
@@ -190,15 +193,18 @@ class Registry:
             conn.execute(place.table.insert().values(row))
             conn.commit()
 
-    def _create_if_missing(self, place: Place) -> bool:
-        """Create the registry table if that is what was wrong; True if it was created.
+    def _ensure_table(self, place: Place) -> bool:
+        """Create the registry table if it is missing; True if it exists now.
 
-        Not in a database without the task tables: that is the wrong database.
+        It may exist although the first insert failed: another worker starting
+        at the same moment created it in between (then the insert is worth
+        another try). Not created in a database without the task tables: that
+        is the wrong database.
         """
         table = place.table
         try:
             if inspect(place.engine).has_table(table.name, schema=table.schema):
-                return False
+                return True
         except DBAPIError:
             return False
         command = "flask alchq" if self.binds.source.scoped is not None else "alchq"
