@@ -9,6 +9,7 @@ Public API::
 from __future__ import annotations
 
 from alchq import worker
+from alchq._dialects import utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq._prune import prune
 from alchq._version import __version__  # noqa: E402
@@ -52,5 +53,6 @@ __all__ = [
     "__version__",
     "metadata",
     "prune",
+    "utc_now",
     "worker",
 ]

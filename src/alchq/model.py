@@ -39,6 +39,7 @@ from sqlalchemy.orm import (
     DeclarativeBaseNoMeta,
     DeclarativeMeta,
     Mapped,
+    MappedColumn,
     Mapper,
     Session,
     declared_attr,
@@ -364,6 +365,17 @@ class BaseQueue:
         return f"<{type(self).__name__} {key} {status}>"
 
 
+def queue_columns() -> list[Column[Any]]:
+    """Fresh copies of the columns BaseQueue adds to every task table, in order."""
+    columns = []
+    for name, attr in vars(BaseQueue).items():
+        if isinstance(attr, MappedColumn):
+            column = attr.column._copy()  # noqa: SLF001 - Column.copy() is deprecated
+            column.name = column.key = name
+            columns.append(column)
+    return columns
+
+
 def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     """Indexes and constraints of each task table (added once, to the mapped table)."""
     table = mapper.local_table
@@ -372,6 +384,15 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     if getattr(cls, "alchq_periodic", None):
         ticks_table(table.metadata)
     workers_table(table.metadata)
+    add_queue_schema(table)
+
+
+def add_queue_schema(table: Table) -> None:
+    """Add alchq's indexes and CHECK constraints to ``table`` (once).
+
+    ``table`` has BaseQueue's columns and its primary key: a mapped task
+    table, or one built by a migration that adopts an existing table.
+    """
     ready = f"ix_{table.name}_alchq_ready"
     if any(ix.name == ready for ix in table.indexes):
         return
