@@ -16,7 +16,7 @@ from alchq._binds import Binds
 from alchq._dialects import Claim
 from alchq._transitions import bump, claim_order, claim_values, ready
 from alchq.config import Settings
-from alchq.model import BaseQueue, task_table
+from alchq.model import BaseQueue, rows_of, task_table
 
 
 class Claimer:
@@ -36,7 +36,7 @@ class Claimer:
             claims = dialect.claim(
                 self.binds.connection(session, model, bookkeeping=True),
                 table,
-                ready=ready(table),
+                ready=ready(table) & rows_of(model),
                 order_by=claim_order(table),
                 values=claim_values(
                     self.worker_id,

@@ -31,7 +31,7 @@ from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError
-from alchq.model import FINISHED, BaseQueue, Status, check_task_model, task_table
+from alchq.model import FINISHED, BaseQueue, Status, check_task_model, rows_of, task_table
 
 __all__ = ["prune"]
 
@@ -131,7 +131,9 @@ def prune_model(
         # The first use of an engine prepares it (SQLite: wait for the workers'
         # write lock instead of failing at once).
         dialect = binds.dialect_of(session, model)
+        mine = rows_of(model)  # a subclass's rows only (single-table inheritance)
         for status, where in _targets(table, ages):
+            where = where & mine
             while not stop():
                 try:
                     conn = binds.connection(session, model, bookkeeping=True)

@@ -34,7 +34,7 @@ from alchq._registry import alive_here, forget_gone, lost_owners, owner_alive
 from alchq._transitions import bump, claim_values, expired, released
 from alchq.config import Settings
 from alchq.exceptions import WorkerLostError
-from alchq.model import BaseQueue, Status, task_table, workers_table
+from alchq.model import BaseQueue, Status, rows_of, task_table, workers_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -127,7 +127,9 @@ class Rescuer:
                 .where(c.alchq_worker.in_(self._adopt), c.alchq_lease_until.is_not(None))
                 .values(alchq_lease_until=utc_now(-1))
             )
-        owners = lost_owners(conn, table, expired(table) | owed_error(table))
+        # A subclass's worker (single-table inheritance) recovers its own rows only.
+        mine = rows_of(model)
+        owners = lost_owners(conn, table, (expired(table) | owed_error(table)) & mine)
         forget_gone(conn, table)
         session.commit()
         if not owners:
@@ -138,7 +140,7 @@ class Rescuer:
         if alive:
             gone &= c.alchq_worker.is_(None) | c.alchq_worker.not_in(alive)
         max_lost = int(self.settings.max_lost_claims)
-        lease_out = expired(table) & gone
+        lease_out = expired(table) & gone & mine
 
         def take(ready: ColumnElement[bool], values: dict[str, Any], token: str) -> list[Claim]:
             claims = dialect.claim(
@@ -170,7 +172,7 @@ class Rescuer:
         )
         budget = float(model.alchq_error_time_limit) + self.settings.kill_after
         owed_claims = take(
-            owed_error(table) & gone,
+            owed_error(table) & gone & mine,
             {
                 "alchq_worker": self.worker_id,
                 "alchq_lease_until": utc_now(budget),

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 from sqlalchemy import (
     CheckConstraint,
     Column,
+    ColumnElement,
     Enum,
     Index,
     Integer,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    true,
     update,
 )
 from sqlalchemy.orm import (
@@ -41,8 +43,10 @@ from sqlalchemy.orm import (
     Mapped,
     MappedColumn,
     Mapper,
+    RelationshipProperty,
     Session,
     declared_attr,
+    has_inherited_table,
     mapped_column,
     object_session,
     registry,
@@ -116,6 +120,85 @@ def task_table(model: type[Any]) -> Table:
     table = inspect(model).local_table
     assert isinstance(table, Table), f"{model!r} is not mapped to a table"
     return table
+
+
+def _insert_values(
+    session: Session, mapper: Mapper[Any], task: Any, values: dict[str, Any]
+) -> dict[str, Any]:
+    """The column values of the INSERT that enqueues ``task`` (built from ``values``).
+
+    A many-to-one relationship keyword (``user=u``) becomes its foreign-key
+    columns' values; the subclass's discriminator is set as the ORM would.
+    """
+    row: dict[str, Any] = {}
+    for attr, value in values.items():
+        prop = mapper.attrs[attr]
+        if isinstance(prop, RelationshipProperty):
+            row.update(_foreign_key_values(session, mapper, prop, value))
+            continue
+        (column,) = prop.columns
+        row[column.key] = getattr(task, attr) if attr == "run_at" else value
+    row["status"] = Status.PENDING
+    on = mapper.polymorphic_on
+    if on is not None and mapper.polymorphic_identity is not None and isinstance(on, Column):
+        row.setdefault(on.key, mapper.polymorphic_identity)
+    return row
+
+
+def _foreign_key_values(
+    session: Session, mapper: Mapper[Any], prop: RelationshipProperty[Any], value: Any
+) -> dict[str, Any]:
+    name = f"{mapper.class_.__name__}.{prop.key}"
+    local = [col for col, _ in prop.local_remote_pairs or ()]
+    if prop.uselist or prop.secondary is not None or not local or any(
+        col.table is not mapper.local_table for col in local
+    ):
+        raise TypeError(
+            f"enqueue() with a unique_key cannot set {name} (only columns and "
+            "many-to-one relationships): set it on the task it returns"
+        )
+    row: dict[str, Any] = {}
+    for column, remote in prop.local_remote_pairs or ():
+        if value is None:
+            row[str(column.key)] = None
+            continue
+        if value in session and (inspect(value).key is None or inspect(value).modified):
+            session.flush()  # pending or changed: flushed first, so its key is known
+        remote_attr = prop.mapper.get_property_by_column(remote).key
+        found = getattr(value, remote_attr)
+        if found is None:
+            raise TypeError(
+                f"enqueue() with a unique_key: {name} is a {type(value).__name__} without "
+                f"a {remote_attr}; add it to the session first, or pass "
+                f"{column.key}= instead"
+            )
+        row[str(column.key)] = found
+    return row
+
+
+def rows_of(model: type[Any]) -> ColumnElement[bool]:
+    """The WHERE clause of ``model``'s own rows in its table.
+
+    Everything, unless ``model`` is a subclass in single-table inheritance:
+    then the rows whose discriminator is its identity or a subclass's.
+    """
+    mapper = inspect(model)
+    on = mapper.polymorphic_on
+    if mapper.inherits is None or on is None:
+        return true()
+    identities = sorted(
+        {m.polymorphic_identity for m in mapper.self_and_descendants} - {None}, key=repr
+    )
+    clause: ColumnElement[bool] = on.in_(identities)
+    return clause
+
+
+def joined_inheritance(mapper: Mapper[Any]) -> Mapper[Any] | None:
+    """The ancestor mapper whose table ``mapper`` joins, if it has a table of its own."""
+    parent = mapper.inherits
+    if parent is not None and mapper.local_table is not parent.local_table:
+        return parent
+    return None
 
 
 class Enqueued(NamedTuple):
@@ -194,7 +277,10 @@ class BaseQueue:
     alchq_periodic: ClassVar[Sequence[Periodic]] = ()
 
     @declared_attr.directive
-    def __tablename__(cls) -> str:  # noqa: N805 - declared_attr is a class method
+    def __tablename__(cls) -> str | None:  # noqa: N805 - declared_attr is a class method
+        if has_inherited_table(cls):  # type: ignore[arg-type]
+            # A subclass of a mapped task model: single-table inheritance.
+            return None
         return snake_case(cls.__name__)  # type: ignore[attr-defined]
 
     status: Mapped[Status] = mapped_column(
@@ -269,21 +355,20 @@ class BaseQueue:
             task, created = Report.enqueue(session, unique_key="daily-2026-11-29", day=...)
             session.commit()
         """
-        task = cls(**values)
         key = values.get("unique_key")
         if key is None:
+            task = cls(**values)
             session.add(task)
             session.flush()
             return Enqueued(task, True)
         mapper = inspect(cls)
+        # Checks the keywords and converts run_at; built without relationships,
+        # which would link this throwaway object to the related ones.
+        task = cls(**{k: v for k, v in values.items() if k not in mapper.relationships})
         table = task_table(cls)
         c = table.c
         active = c.status.in_([s.value for s in ACTIVE])
-        row: dict[str, Any] = {}
-        for attr, value in values.items():
-            (column,) = mapper.attrs[attr].columns
-            row[column.key] = getattr(task, attr) if attr == "run_at" else value
-        row["status"] = Status.PENDING
+        row = _insert_values(session, mapper, task, values)
         conn = session.connection(bind_arguments={"mapper": mapper})
         engine = conn.engine
         stmt = dialect_for(engine).insert_unless_conflict(
@@ -297,8 +382,10 @@ class BaseQueue:
                 new = session.get(cls, ident)
                 assert new is not None
                 return Enqueued(new, True)
+            # The key is unique per table: under single-table inheritance the
+            # holder may be another subclass's task (it is returned as such).
             existing = session.scalars(
-                select(cls).where(c.unique_key == key, active).limit(1)
+                select(mapper.base_mapper).where(c.unique_key == key, active).limit(1)
             ).first()
             if existing is not None:
                 return Enqueued(existing, False)
@@ -378,6 +465,9 @@ def queue_columns() -> list[Column[Any]]:
 
 def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     """Indexes and constraints of each task table (added once, to the mapped table)."""
+    parent = joined_inheritance(mapper)
+    if parent is not None:
+        raise TaskDefinitionError(_joined_message(cls.__name__, parent.class_.__name__))
     table = mapper.local_table
     if not isinstance(table, Table) or mapper.inherits is not None:
         return
@@ -385,6 +475,16 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
         ticks_table(table.metadata)
     workers_table(table.metadata)
     add_queue_schema(table)
+
+
+def _joined_message(name: str, parent: str) -> str:
+    return (
+        f"{name} has a table of its own, joined to {parent}'s (joined-table "
+        "inheritance): alchq does not support it, because claiming a task is one "
+        "UPDATE of one table and a task's data would be split across two. Use "
+        f"single-table inheritance (no __tablename__ on {name}, a discriminator "
+        f"column on {parent}), or a separate task model"
+    )
 
 
 def add_queue_schema(table: Table) -> None:
@@ -530,11 +630,20 @@ def schedules_of(model: type[BaseQueue]) -> list[Periodic]:
     return [declared] if isinstance(declared, Periodic) else list(declared)
 
 
+def _subclass_runs(model: type[BaseQueue]) -> bool:
+    """A polymorphic base without run() whose subclasses have it: rows run as theirs."""
+    try:
+        mapper = inspect(model)
+    except Exception:
+        return False
+    return any(m.class_.run is not BaseQueue.run for m in mapper.self_and_descendants)
+
+
 def check_task_model(model: object) -> type[BaseQueue]:
     """Return ``model`` if it is a mapped BaseQueue subclass with ``run()``, else raise."""
     if not isinstance(model, type) or not issubclass(model, BaseQueue):
         raise TaskDefinitionError(f"{model!r} is not a BaseQueue model")
-    if model.run is BaseQueue.run:
+    if model.run is BaseQueue.run and not _subclass_runs(model):
         raise TaskDefinitionError(
             f"{model.__name__} has no run() method: define run(self) on the model"
         )
@@ -546,6 +655,9 @@ def check_task_model(model: object) -> type[BaseQueue]:
         raise TaskDefinitionError(f"{model.__name__} is not a mapped model (is it abstract?)")
     if len(mapper.primary_key) == 0:
         raise TaskDefinitionError(f"{model.__name__} has no primary key")
+    parent = joined_inheritance(mapper)
+    if parent is not None:
+        raise TaskDefinitionError(_joined_message(model.__name__, parent.class_.__name__))
     for attr in ("alchq_time_limit", "alchq_error_time_limit"):
         seconds = getattr(model, attr)
         if (
