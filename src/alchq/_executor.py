@@ -74,13 +74,13 @@ class Executor:
         raised: BaseException | None = None
         tb: str | None = None
         changed: list[str] = []
-        with RunWatch(session, held.engine, dbapi) as watch:
+        with RunWatch(session, held.engine, dbapi, held.dialect.backend_id) as watch:
             try:
                 try:
-                    held.in_run = True
+                    held.watch, held.in_run = watch, True
                     task.run()
                 finally:
-                    held.in_run = False
+                    held.in_run, held.watch = False, None
                 session = self._current(session)
                 changed = owned_changes(task, session)
                 if not changed:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, Table
 
 from alchq._dialects import Claim, Dialect
+from alchq._tracking import RunWatch
 from alchq._transitions import still_ours
 from alchq.model import BaseQueue
 
@@ -60,6 +61,8 @@ class Held:
     lost_claims: int = 0
     #: "run" while run() is called, "error" while error() is.
     phase: str = "run"
+    #: What run() does with the database, while it runs.
+    watch: RunWatch | None = None
 
     def enter_error(self, time_limit: float) -> None:
         """From run() to error(): error() has its own time."""

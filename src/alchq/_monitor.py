@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from alchq import _selfwait as selfwait
 from alchq._held import Held
 from alchq._link import link
 from alchq._util import first_line, helper_thread
@@ -107,6 +108,7 @@ class Monitor:
             now = time.monotonic()
             try:
                 if held is not None:
+                    selfwait.check(held)
                     if held.hard_deadline is not None and now >= held.hard_deadline:
                         self._on_hard_deadline(held)
                     elif held.interrupt is None and now - held.started >= held.time_limit:

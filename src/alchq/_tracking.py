@@ -10,7 +10,10 @@ The worker must know, without guessing from exception types:
   that engine), and whether a connection to it was lost: only that can be the
   database being away; an error from any other database is the task's failure;
 - whether run() committed, or threw away uncommitted changes (a rollback, a
-  closed session).
+  closed session);
+- which statements run() sent through *other* connections to the same database
+  are still waiting, and since when: one waiting on a lock the task's own
+  session holds waits for ever (see alchq._selfwait).
 
 Engine and session listeners, installed once, feed the :class:`RunWatch` of
 the run in progress in this context (a ContextVar); outside a run they do
@@ -19,7 +22,10 @@ nothing.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -30,16 +36,53 @@ from sqlalchemy.orm import Session
 _current: ContextVar[RunWatch | None] = ContextVar("alchq_run_watch", default=None)
 
 
+#: The first words of statements that do not write.
+_READS = ("SELECT", "SHOW", "EXPLAIN", "PRAGMA", "VALUES")
+
+
+def writes(statement: str) -> bool:
+    """Whether a statement may write (anything but a plain read)."""
+    return not statement.lstrip(" \t\n(")[:8].upper().startswith(_READS)
+
+
+@dataclass
+class Waiting:
+    """A statement in flight on a connection other than the task's session's."""
+
+    since: float
+    engine: Engine
+    #: The database's id of its connection (PostgreSQL: the backend pid), or None.
+    backend: Any
+    writing: bool
+    #: The self-wait check looked at it already.
+    checked: bool = False
+
+
 class RunWatch:
     """Watches one run of one task in ``session`` (a context manager)."""
 
-    def __init__(self, session: Session, engine: Engine, dbapi_connection: Any) -> None:
+    def __init__(
+        self,
+        session: Session,
+        engine: Engine,
+        dbapi_connection: Any,
+        backend_id: Callable[[Any], Any] = lambda dbapi: None,
+    ) -> None:
         self.session = session
         self.engine = engine
+        self.backend_id = backend_id
         #: DB-API connections the session used during the run.
         self.connections: list[Any] = [dbapi_connection]
+        #: Their ids on the database (see ``backend_id``).
+        self.backends: list[Any] = [backend_id(dbapi_connection)]
         #: Statements sent through them since the session's last commit.
         self.statements = 0
+        #: Of those, statements that may have written (and so hold locks).
+        self.writes = 0
+        #: Statements in flight on other connections to the task's database.
+        self.waiting: dict[int, Waiting] = {}
+        #: A self-wait was reported for this run (once is enough).
+        self.reported = False
         #: run() committed the session itself.
         self.committed = False
         #: Uncommitted statements were thrown away by a rollback or close.
@@ -85,6 +128,36 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
     watch = _current.get()
     if watch is not None and _dbapi(conn) in watch.connections:
         watch.statements += 1
+        if writes(statement):
+            watch.writes += 1
+
+
+def _same_database(engine: Engine, watch: RunWatch) -> bool:
+    return engine is watch.engine or engine.url == watch.engine.url
+
+
+def _on_any_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    watch = _current.get()
+    if watch is None or not _same_database(conn.engine, watch):
+        return
+    dbapi = _dbapi(conn)
+    if dbapi is None or dbapi in watch.connections:
+        return
+    watch.waiting[id(cursor)] = Waiting(
+        time.monotonic(), conn.engine, watch.backend_id(dbapi), writes(statement)
+    )
+
+
+def _on_any_statement_done(conn: Any, cursor: Any, *args: Any) -> None:
+    watch = _current.get()
+    if watch is not None and watch.waiting:
+        watch.waiting.pop(id(cursor), None)
+
+
+def _on_any_error(context: ExceptionContext) -> None:
+    watch = _current.get()
+    if watch is not None and watch.waiting and context.cursor is not None:
+        watch.waiting.pop(id(context.cursor), None)
 
 
 def _on_error(context: ExceptionContext) -> None:
@@ -104,6 +177,7 @@ def _on_begin(session: Session, transaction: Any, connection: Any) -> None:
         dbapi = _dbapi(connection)
         if dbapi is not None and dbapi not in watch.connections:
             watch.connections.append(dbapi)
+            watch.backends.append(watch.backend_id(dbapi))
 
 
 def _on_commit(session: Session) -> None:
@@ -111,6 +185,7 @@ def _on_commit(session: Session) -> None:
     if watch is not None and session is watch.session:
         watch.committed = True
         watch.statements = 0
+        watch.writes = 0
 
 
 def _on_rollback(session: Session) -> None:
@@ -118,6 +193,7 @@ def _on_rollback(session: Session) -> None:
     if watch is not None and session is watch.session and watch.statements:
         watch.discarded += watch.statements
         watch.statements = 0
+        watch.writes = 0
 
 
 def install(engine: Engine) -> None:
@@ -126,6 +202,13 @@ def install(engine: Engine) -> None:
         event.listen(engine, "before_cursor_execute", _on_statement)
         event.listen(engine, "handle_error", _on_error)
 
+
+# Every engine's statements, for those run() sends through a second connection
+# (maybe of an engine of its own): a ContextVar lookup each, outside a run.
+if not event.contains(Engine, "before_cursor_execute", _on_any_statement):
+    event.listen(Engine, "before_cursor_execute", _on_any_statement)
+    event.listen(Engine, "after_cursor_execute", _on_any_statement_done)
+    event.listen(Engine, "handle_error", _on_any_error)
 
 # Session events are class-wide: they cost a ContextVar lookup per event and
 # act only for the session of the run in progress.

@@ -215,6 +215,22 @@ class Dialect:
         """Was a write refused because the database (or connection) is read-only?"""
         return False
 
+    def backend_id(self, dbapi_connection: Any) -> Any:
+        """The database's id of a DB-API connection (to ask who blocks whom), or None."""
+        return None
+
+    def waits_for(
+        self, engine: Engine, waiting: Any, holders: Sequence[Any], *, writing: bool, wrote: bool
+    ) -> bool | None:
+        """Is the statement in flight on connection ``waiting`` blocked by ``holders``?
+
+        ``waiting`` and ``holders`` are :meth:`backend_id` values; ``writing``
+        says whether that statement writes, ``wrote`` whether the holders'
+        transaction has written. True or False when the database can tell;
+        None when it cannot (then nothing is reported).
+        """
+        return None
+
     def claim(
         self,
         conn: Connection,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
@@ -145,6 +145,25 @@ class PostgreSQLDialect(Dialect):
 
     def is_schema_mismatch(self, exc: BaseException) -> bool:
         return _sqlstate(exc) in _MISMATCH_SQLSTATES
+
+    def backend_id(self, dbapi_connection: Any) -> Any:
+        info = getattr(dbapi_connection, "info", None)  # psycopg 3
+        if info is not None and hasattr(info, "backend_pid"):
+            return info.backend_pid
+        get = getattr(dbapi_connection, "get_backend_pid", None)  # psycopg2
+        return get() if callable(get) else None
+
+    def waits_for(
+        self, engine: Engine, waiting: Any, holders: Sequence[Any], *, writing: bool, wrote: bool
+    ) -> bool | None:
+        if waiting is None or not any(h is not None for h in holders):
+            return None
+        # Asked on a connection of its own: the waiting one is busy waiting.
+        with engine.connect() as conn:
+            blockers = conn.execute(
+                text("SELECT pg_blocking_pids(:pid)"), {"pid": int(waiting)}
+            ).scalar_one()
+        return bool(set(blockers or ()) & {h for h in holders if h is not None})
 
     def is_read_only(self, exc: BaseException) -> bool:
         return _sqlstate(exc) == "25006"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -70,6 +70,13 @@ class SQLiteDialect(Dialect):
 
     def is_schema_mismatch(self, exc: BaseException) -> bool:
         return isinstance(exc, OperationalError) and _says(exc, ("no such column", "no such table"))
+
+    def waits_for(
+        self, engine: Engine, waiting: Any, holders: Sequence[Any], *, writing: bool, wrote: bool
+    ) -> bool | None:
+        # One write lock per database file: while the task's transaction has
+        # written it holds it, so any other writer to the file waits for it.
+        return writing and wrote
 
     def is_read_only(self, exc: BaseException) -> bool:
         return _says(exc, ("readonly database", "read-only"))

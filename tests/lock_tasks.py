@@ -1,0 +1,61 @@
+"""Tasks that wait on locks (tests/test_selfwait.py).
+
+``mode`` says what run() does after writing its own row through the session:
+
+``self``
+    updates the same row through a second connection: it waits for its own
+    session's lock (for ever on PostgreSQL; until the busy timeout on SQLite).
+``other``
+    updates a row of ``lock_target`` through a second connection, which the
+    test holds locked for a few seconds: a wait, but not on itself.
+``read``
+    (PostgreSQL) a slow read on a second connection: no lock wait at all.
+``clean``
+    (SQLite) writes ``lock_target`` through a second connection *before* the
+    session writes anything, while the test holds the database's write lock.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import Column, Integer, String, Table, text, update
+from sqlalchemy.orm import object_session
+
+from alchq import BaseQueue, metadata
+from alchq.model import task_table
+
+lock_target = Table(
+    "lock_target",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("note", String(50)),
+)
+
+
+class LockTask(BaseQueue):
+    alchq_time_limit = 60.0
+
+    id = Column(Integer, primary_key=True)
+    mode = Column(String(20), nullable=False)
+    note = Column(String(50))
+
+    def run(self) -> None:
+        session = object_session(self)
+        assert session is not None
+        engine = session.get_bind()
+        if self.mode == "clean":
+            time.sleep(2)  # the test takes the write lock meanwhile
+            with engine.begin() as conn:
+                conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="x"))
+        self.note = "started"
+        session.flush()  # the task's transaction now holds its row (SQLite: the file)
+        table = task_table(LockTask)
+        with engine.begin() as conn:
+            if self.mode == "self":
+                conn.execute(update(table).where(table.c.id == self.id).values(note="progress"))
+            elif self.mode == "other":
+                conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="y"))
+            elif self.mode == "read":
+                conn.execute(text("SELECT pg_sleep(4)"))
+        self.note = "done"

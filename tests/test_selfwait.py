@@ -1,0 +1,135 @@
+"""A run() waiting for a lock its own task holds is reported within seconds.
+
+Real ``alchq run`` processes (tests/lock_tasks.py) on SQLite and PostgreSQL;
+the warning must come long before the task's time limit, and only for a wait
+on the task's own lock.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, insert, select, text
+
+from alchq import metadata
+from alchq.model import task_table
+from tests.conftest import ROOT, alchq_command, worker_env
+from tests.lock_tasks import LockTask, lock_target
+from tests.support import wait_until
+
+TABLE = task_table(LockTask)
+SELF_WAIT = "run() is waiting for a lock its own session holds"
+
+
+@pytest.fixture
+def eng(engine: Engine) -> Iterator[Engine]:
+    metadata.create_all(engine, tables=[TABLE, lock_target])
+    with engine.begin() as conn:
+        conn.execute(insert(lock_target).values(id=1, note=""))
+    yield engine
+
+
+class Worker:
+    def __init__(self, db_url: str, log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                alchq_command(
+                    "run",
+                    "tests.lock_tasks:LockTask",
+                    "--database-url",
+                    db_url,
+                    "--poll-interval",
+                    "0.2",
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=worker_env(),
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def _add(engine: Engine, mode: str) -> int:
+    with engine.begin() as conn:
+        return int(conn.execute(insert(TABLE).values(mode=mode)).inserted_primary_key[0])
+
+
+def _status(engine: Engine, task: int) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(select(TABLE.c.status).where(TABLE.c.id == task)).scalar_one())
+
+
+def test_a_run_waiting_on_its_own_lock_is_reported_within_seconds(
+    eng: Engine, db_url: str, tmp_path: Path
+) -> None:
+    task = _add(eng, "self")
+    worker = Worker(db_url, tmp_path / "worker.log")
+    try:
+        started = time.monotonic()
+        wait_until(lambda: SELF_WAIT in worker.output(), 20, "the self-wait warning", worker.output)
+        waited = time.monotonic() - started
+        line = next(x for x in worker.output().splitlines() if SELF_WAIT in x)
+        assert f"LockTask {task}: " in line and "WARNING" in line, line
+        assert "time limit (60s)" in line, line
+        # Seconds, not the time limit: the worker started, claimed and noticed.
+        assert waited < LockTask.alchq_time_limit / 3, waited
+        assert worker.output().count(SELF_WAIT) == 1
+    finally:
+        worker.kill()
+
+
+def test_a_wait_on_someone_elses_lock_is_not_reported(
+    eng: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """The task's second connection waits on a lock the test holds, then goes on."""
+    sqlite = eng.dialect.name == "sqlite"
+    task = _add(eng, "clean" if sqlite else "other")
+    worker = Worker(db_url, tmp_path / "worker.log")
+    try:
+        with eng.connect() as holder:
+            if sqlite:
+                # The claim needs the write lock: taken once the task is claimed.
+                wait_until(
+                    lambda: _status(eng, task) == "PROCESSING",
+                    20,
+                    "the claim",
+                    worker.output,
+                    interval=0.05,
+                )
+            holder.begin()
+            # PostgreSQL: a row lock on lock_target 1; SQLite: the file's write lock.
+            holder.execute(text("UPDATE lock_target SET note = 'held' WHERE id = 1"))
+            wait_until(lambda: _status(eng, task) == "PROCESSING", 20, "the claim", worker.output)
+            time.sleep(5)  # the task's statement waits on the test's lock meanwhile
+            holder.rollback()
+        wait_until(lambda: _status(eng, task) == "PROCESSED", 40, "the task to end", worker.output)
+    finally:
+        worker.kill()
+    assert SELF_WAIT not in worker.output()
+
+
+def test_a_slow_statement_that_waits_for_no_lock_is_not_reported(
+    eng: Engine, db_url: str, tmp_path: Path
+) -> None:
+    if eng.dialect.name == "sqlite":
+        pytest.skip("pg_sleep is PostgreSQL's")
+    task = _add(eng, "read")
+    worker = Worker(db_url, tmp_path / "worker.log")
+    try:
+        wait_until(lambda: _status(eng, task) == "PROCESSED", 30, "the task to end", worker.output)
+    finally:
+        worker.kill()
+    assert SELF_WAIT not in worker.output()
