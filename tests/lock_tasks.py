@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Column, Integer, String, Table, text, update
-from sqlalchemy.orm import object_session
+from sqlalchemy import Column, Engine, Integer, String, Table, text, update
+from sqlalchemy.orm import Mapped, mapped_column, object_session
 
 from alchq import BaseQueue, metadata
 from alchq.model import task_table
@@ -36,14 +36,15 @@ lock_target = Table(
 class LockTask(BaseQueue):
     alchq_time_limit = 60.0
 
-    id = Column(Integer, primary_key=True)
-    mode = Column(String(20), nullable=False)
-    note = Column(String(50))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mode: Mapped[str] = mapped_column(String(20))
+    note: Mapped[str | None] = mapped_column(String(50))
 
     def run(self) -> None:
         session = object_session(self)
         assert session is not None
         engine = session.get_bind()
+        assert isinstance(engine, Engine)
         if self.mode == "clean":
             time.sleep(2)  # the test takes the write lock meanwhile
             with engine.begin() as conn:

@@ -64,7 +64,9 @@ class Worker:
 
 def _add(engine: Engine, mode: str) -> int:
     with engine.begin() as conn:
-        return int(conn.execute(insert(TABLE).values(mode=mode)).inserted_primary_key[0])
+        key = conn.execute(insert(TABLE).values(mode=mode)).inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
 
 def _status(engine: Engine, task: int) -> str:
