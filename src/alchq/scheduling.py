@@ -132,7 +132,8 @@ class Periodic:
     """A periodic task of a model (``alchq_periodic = [Periodic(...)]``).
 
     :param cron: a cron expression: 5 fields (minute hour day month weekday),
-        or 6 with seconds last (``"*/10 * * * * *"``: every 10 s).
+        or 6 with seconds last (``"* * * * * */10"``: every 10 s; note that
+        ``"*/10 * * * * *"`` is every second of minutes :00, :10, ...).
     :param every: instead of ``cron``: seconds (or a timedelta) between ticks,
         counted from the Unix epoch.
     :param values: column values of each task created.
