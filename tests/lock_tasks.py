@@ -41,22 +41,38 @@ class LockTask(BaseQueue):
     note: Mapped[str | None] = mapped_column(String(50))
 
     def run(self) -> None:
-        session = object_session(self)
-        assert session is not None
-        engine = session.get_bind()
-        assert isinstance(engine, Engine)
-        if self.mode == "clean":
-            time.sleep(2)  # the test takes the write lock meanwhile
-            with engine.begin() as conn:
-                conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="x"))
-        self.note = "started"
-        session.flush()  # the task's transaction now holds its row (SQLite: the file)
-        table = task_table(LockTask)
+        run_in_mode(self, task_table(type(self)))
+
+
+class QuickLockTask(BaseQueue):
+    """The same, with a time limit of 3 s: how a self-wait ends."""
+
+    alchq_time_limit = 3.0
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mode: Mapped[str] = mapped_column(String(20))
+    note: Mapped[str | None] = mapped_column(String(50))
+
+    def run(self) -> None:
+        run_in_mode(self, task_table(type(self)))
+
+
+def run_in_mode(task: LockTask | QuickLockTask, table: Table) -> None:
+    session = object_session(task)
+    assert session is not None
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    if task.mode == "clean":
+        time.sleep(2)  # the test takes the write lock meanwhile
         with engine.begin() as conn:
-            if self.mode == "self":
-                conn.execute(update(table).where(table.c.id == self.id).values(note="progress"))
-            elif self.mode == "other":
-                conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="y"))
-            elif self.mode == "read":
-                conn.execute(text("SELECT pg_sleep(4)"))
-        self.note = "done"
+            conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="x"))
+    task.note = "started"
+    session.flush()  # the task's transaction now holds its row (SQLite: the file)
+    with engine.begin() as conn:
+        if task.mode == "self":
+            conn.execute(update(table).where(table.c.id == task.id).values(note="progress"))
+        elif task.mode == "other":
+            conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="y"))
+        elif task.mode == "read":
+            conn.execute(text("SELECT pg_sleep(4)"))
+    task.note = "done"

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, select, text
@@ -19,29 +20,30 @@ from sqlalchemy import Engine, insert, select, text
 from alchq import metadata
 from alchq.model import task_table
 from tests.conftest import ROOT, alchq_command, worker_env
-from tests.lock_tasks import LockTask, lock_target
+from tests.lock_tasks import LockTask, QuickLockTask, lock_target
 from tests.support import wait_until
 
 TABLE = task_table(LockTask)
+QUICK = task_table(QuickLockTask)
 SELF_WAIT = "run() is waiting for a lock its own session holds"
 
 
 @pytest.fixture
 def eng(engine: Engine) -> Iterator[Engine]:
-    metadata.create_all(engine, tables=[TABLE, lock_target])
+    metadata.create_all(engine, tables=[TABLE, QUICK, lock_target])
     with engine.begin() as conn:
         conn.execute(insert(lock_target).values(id=1, note=""))
     yield engine
 
 
 class Worker:
-    def __init__(self, db_url: str, log: Path) -> None:
+    def __init__(self, db_url: str, log: Path, model: str = "LockTask") -> None:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 alchq_command(
                     "run",
-                    "tests.lock_tasks:LockTask",
+                    f"tests.lock_tasks:{model}",
                     "--database-url",
                     db_url,
                     "--poll-interval",
@@ -135,3 +137,31 @@ def test_a_slow_statement_that_waits_for_no_lock_is_not_reported(
     finally:
         worker.kill()
     assert SELF_WAIT not in worker.output()
+
+
+def test_a_self_wait_ends_at_the_time_limit_once(eng: Engine, db_url: str, tmp_path: Path) -> None:
+    """Interrupted at its time limit, the task ends in ERROR, not re-run as an outage.
+
+    On PostgreSQL, run()'s second connection is left mid-statement by the
+    interrupt and its clean-up fails ("another command is already in progress");
+    the outcome is still the time-out.
+    """
+    with eng.begin() as conn:
+        conn.execute(insert(QUICK).values(id=1, mode="self"))
+    worker = Worker(db_url, tmp_path / "worker.log", model="QuickLockTask")
+    try:
+
+        def ended() -> Any:
+            with eng.connect() as conn:
+                return conn.execute(
+                    select(QUICK.c.status, QUICK.c.alchq_attempts, QUICK.c.alchq_error_type).where(
+                        QUICK.c.status == "ERROR"
+                    )
+                ).first()
+
+        row = wait_until(ended, 40, "the task to end in ERROR", worker.output)
+        assert tuple(row) == ("ERROR", 1, "alchq.exceptions.TaskTimeoutError"), worker.output()
+        out = worker.output()
+        assert out.index(SELF_WAIT) < out.index("time limit of 3s"), out
+    finally:
+        worker.kill()

@@ -90,7 +90,12 @@ class Executor:
                 # included: real signals reach the worker through its handlers.
                 raised, tb = exc, traceback.format_exc()
                 session = self._current(session)
-                if isinstance(exc, (TaskTimeoutError, WorkerShutdown)):
+                if held.interrupt is not None:
+                    # The worker's own interrupt, even when run()'s clean-up then
+                    # failed on the connection it interrupted (PostgreSQL: "another
+                    # command is already in progress"): that is the outcome.
+                    raised = interruption(exc) or exc
+                if isinstance(raised, (TaskTimeoutError, WorkerShutdown)):
                     # Interrupted, maybe inside a query: the connection's state is
                     # unknown. Dropped, not reset (its reset would fail, noisily).
                     with contextlib.suppress(Exception):
@@ -146,6 +151,18 @@ class Executor:
         if watch.owns(exc) and held.dialect.is_transient(exc):
             return Outcome(Kind.RELEASE, exc, away=True)  # e.g. a read-only window
         return failed(held, exc, tb)
+
+
+def interruption(exc: BaseException) -> BaseException | None:
+    """The TaskTimeoutError or WorkerShutdown that ``exc`` was raised from, if any."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        if isinstance(node, (TaskTimeoutError, WorkerShutdown)):
+            return node
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return None
 
 
 def owned_changes(task: BaseQueue, session: Session) -> list[str]:

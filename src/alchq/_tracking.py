@@ -156,8 +156,10 @@ def _on_any_statement_done(conn: Any, cursor: Any, *args: Any) -> None:
 
 def _on_any_error(context: ExceptionContext) -> None:
     watch = _current.get()
-    if watch is not None and watch.waiting and context.cursor is not None:
-        watch.waiting.pop(id(context.cursor), None)
+    # ``cursor`` is a slot SQLAlchemy leaves unset when there was no cursor yet.
+    cursor = getattr(context, "cursor", None)
+    if watch is not None and watch.waiting and cursor is not None:
+        watch.waiting.pop(id(cursor), None)
 
 
 def _on_error(context: ExceptionContext) -> None:
