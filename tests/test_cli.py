@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -15,15 +16,28 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, insert, inspect, select
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    func,
+    insert,
+    inspect,
+    make_url,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from alchq import Status, metadata
-from tests.conftest import ROOT, run_alchq, worker_env
+from tests.conftest import ROOT, _fresh_pg_database, alchq_command, run_alchq, worker_env
 from tests.flask_app import URL_VARIABLE, FlaskPeriodic, FlaskRemover, FlaskTask
 from tests.tasks import CountTask, run_log
 
@@ -62,7 +76,11 @@ def flask_command(app: str, *args: str) -> list[str]:
 
 
 def flask(
-    url: str, *args: str, app: str = "tests.flask_app", timeout: float = 120
+    url: str,
+    *args: str,
+    app: str = "tests.flask_app",
+    timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         flask_command(app, *args),
@@ -70,7 +88,20 @@ def flask(
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env(**{URL_VARIABLE: url}),
+        env=env(**{URL_VARIABLE: url}, **(extra_env or {})),
+        check=False,
+    )
+
+
+def alchq_in(cwd: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """The ``alchq`` command run in ``cwd`` (relative SQLite paths are read from there)."""
+    return subprocess.run(
+        alchq_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env(**extra_env),
         check=False,
     )
 
@@ -134,6 +165,13 @@ def statuses(engine: Engine, table: Any = count_table) -> Counter[str]:
 def run_log_rows(engine: Engine) -> list[tuple[int, int]]:
     with engine.connect() as conn:
         return [(r.task_id, r.pid) for r in conn.execute(select(run_log))]
+
+
+def exists(engine: Engine) -> None:
+    """Make sure the (empty) database exists: SQLite creates its file on connecting, and
+    the commands refuse a missing file (but for create-tables)."""
+    with engine.connect():
+        pass
 
 
 def sqlite_url(tmp_path: Path) -> str:
@@ -358,11 +396,20 @@ def test_bad_model_reference(tmp_path: Path, command: str, ref: str, expected: l
     assert not (tmp_path / "never-created.sqlite").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "create-tables"])
+@pytest.mark.parametrize("command", ["run", "create-tables", "prune"])
 def test_no_database_url(command: str) -> None:
+    """The message names every place the command reads a URL from."""
     line = clean_error(alchq(command, "tests.tasks:CountTask"))
-    assert "no database URL" in line
+    assert line.startswith("alchq: error: no database URL"), line
     assert "--database-url" in line and "ALCHQ_DATABASE_URL" in line
+    assert re.search(r"(?<!ALCHQ_)\bDATABASE_URL\b", line), line
+
+
+def test_empty_database_url_variables_are_no_url() -> None:
+    line = clean_error(
+        alchq("run", "tests.tasks:CountTask", ALCHQ_DATABASE_URL="", DATABASE_URL="")
+    )
+    assert "no database URL" in line and "DATABASE_URL" in line
 
 
 @pytest.mark.parametrize(
@@ -389,29 +436,26 @@ def test_database_unreachable_hides_password(command: str) -> None:
 
 
 def test_database_unreachable_at_default_log_level() -> None:
-    """At INFO, the worker's start line may precede the error: nothing else may."""
+    """At INFO, log lines may precede the error, but not the worker's start line:
+    it never reached the database."""
     url = unreachable_url()
     proc = alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst", timeout=60)
     line = clean_error(proc, only_line=False)
     assert "cannot reach the database" in line
+    assert "serving" not in proc.stderr, proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr
 
 
-def test_unreachable_sqlite_file(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'q.sqlite'}"
-    proc = alchq(
-        "run", "tests.tasks:CountTask", "--database-url", url, "--burst", "--log-level", "ERROR"
-    )
+def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "q.sqlite"
+    proc = alchq("run", "tests.tasks:CountTask", "--database-url", f"sqlite:///{path}", "--burst")
     line = clean_error(proc)
-    assert "cannot reach the database" in line and "unable to open database file" in line
-
-
-def test_unreachable_sqlite_file_gives_one_line(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'q.sqlite'}"
-    clean_error(alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst", *QUIET))
+    assert f"the SQLite database file {path} does not exist" in line, line
+    assert not (tmp_path / "no").exists()
 
 
 def test_table_missing(engine: Engine, db_url: str) -> None:
+    exists(engine)
     proc = alchq("run", "tests.tasks:CountTask", "--database-url", db_url, "--burst", *QUIET)
     line = clean_error(proc)
     assert "'count_task'" in line
@@ -561,12 +605,14 @@ def test_flask_bad_model_reference(
 
 
 def test_flask_table_missing(engine: Engine, db_url: str) -> None:
+    exists(engine)
     proc = flask(db_url, "alchq", "run", "tests.tasks:CountTask", "--burst", *QUIET)
     line = clean_error(proc)
     assert "'count_task'" in line and "create-tables" in line
 
 
 def test_flask_table_missing_of_app_model(engine: Engine, db_url: str) -> None:
+    exists(engine)
     proc = flask(db_url, "alchq", "run", "tests.flask_app:FlaskTask", "--burst", *QUIET)
     line = clean_error(proc)
     assert "'flask_task'" in line and "create_all" in line
@@ -632,6 +678,334 @@ def test_flask_unknown_log_level_is_rejected(tmp_path: Path) -> None:
             "BOGUS",
         )
     )
+
+
+# -- database URLs -------------------------------------------------------------------
+
+ACCEPTED = "sqlite, postgresql (also postgres), mysql, mariadb"
+
+
+@pytest.fixture
+def pg_url(pg_base_url: str | None) -> str:
+    """A fresh PostgreSQL database's URL (``postgresql+psycopg://``)."""
+    if pg_base_url is None:
+        pytest.skip("PostgreSQL is not available")
+    return _fresh_pg_database(pg_base_url)
+
+
+def serving_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " serving " in line]
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_url_without_a_driver_uses_psycopg(pg_url: str, scheme: str) -> None:
+    """What hosting platforms put in DATABASE_URL: postgres://, no driver."""
+    real = make_url(pg_url)
+    # The test server trusts local connections: the password is there to be hidden.
+    url = real.set(drivername=scheme, password="s3cret").render_as_string(hide_password=False)
+    assert url.startswith(f"{scheme}://postgres:s3cret@")
+    proc = ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", url))
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    engine = create_engine(pg_url)
+    try:
+        run_log.create(engine)
+        add_count_tasks(engine, 3)
+
+        proc = ok(alchq("run", "tests.tasks:CountTask", "--burst", DATABASE_URL=url))
+
+        assert statuses(engine) == {"PROCESSED": 3}
+        shown = real.set(password="s3cret").render_as_string(hide_password=True)
+        assert shown.startswith("postgresql+psycopg://postgres:***@"), shown
+        (line,) = serving_lines(proc.stderr)
+        assert line.endswith(f" serving CountTask from {shown}"), line
+        ok(alchq("prune", "tests.tasks:CountTask", "--older-than", "0", "--database-url", url))
+        assert statuses(engine) == {}
+    finally:
+        engine.dispose()
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_url_without_an_installed_driver(tmp_path: Path, scheme: str) -> None:
+    """Neither psycopg nor psycopg2 importable: one line saying what to install."""
+    for module in ("psycopg", "psycopg2"):
+        (tmp_path / module).mkdir()
+        (tmp_path / module / "__init__.py").write_text(f"raise ImportError('no {module} here')\n")
+    path = os.pathsep.join([str(tmp_path), worker_env()["PYTHONPATH"]])
+    url = f"{scheme}://bob:s3cret@127.0.0.1:{free_port()}/x"
+    proc = alchq("run", "tests.tasks:CountTask", "--database-url", url, "--burst", PYTHONPATH=path)
+    line = clean_error(proc)
+    assert "no PostgreSQL driver is installed" in line, line
+    assert "pip install 'alchq[postgres]'" in line, line
+    assert "bob:***@" in line and "s3cret" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "create-tables", "prune"])
+@pytest.mark.parametrize(
+    ("url", "scheme"),
+    [
+        pytest.param("postgress://bob:s3cret@127.0.0.1/db", "postgress", id="typo"),
+        pytest.param("foo://", "foo", id="foo"),
+    ],
+)
+def test_unknown_scheme_names_the_accepted_ones(command: str, url: str, scheme: str) -> None:
+    proc = alchq(command, "tests.tasks:CountTask", "--database-url", url)
+    line = clean_error(proc)
+    assert f"unknown database URL scheme {scheme!r}" in line, line
+    assert ACCEPTED in line and "any installed SQLAlchemy dialect as dialect+driver://" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+# -- SQLite files: only create-tables creates one ---------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "prune"])
+@pytest.mark.parametrize("where", ["missing.sqlite", "no/such/file.sqlite"])
+def test_missing_sqlite_file_is_an_error_and_not_created(
+    tmp_path: Path, command: str, where: str
+) -> None:
+    path = tmp_path / where
+    proc = alchq(command, "tests.tasks:CountTask", "--database-url", f"sqlite:///{path}")
+    line = clean_error(proc)
+    assert f"the SQLite database file {path} does not exist" in line, line
+    assert "alchq create-tables" in line
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "prune"])
+def test_relative_sqlite_path_is_read_from_the_current_directory(
+    tmp_path: Path, command: str
+) -> None:
+    proc = alchq_in(
+        tmp_path, command, "tests.tasks:CountTask", "--database-url", "sqlite:///q.sqlite"
+    )
+    line = clean_error(proc)
+    assert f"the SQLite database file {tmp_path / 'q.sqlite'} does not exist" in line, line
+    assert f"from the current directory {tmp_path}" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_create_tables_creates_the_sqlite_file_then_run_uses_it(tmp_path: Path) -> None:
+    url = "sqlite:///new.sqlite"  # relative: in the current directory
+    proc = ok(alchq_in(tmp_path, "create-tables", "tests.tasks:CountTask", "--database-url", url))
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    assert (tmp_path / "new.sqlite").is_file()
+
+    proc = ok(alchq_in(tmp_path, "run", "tests.tasks:CountTask", "--database-url", url, "--burst"))
+    (line,) = serving_lines(proc.stderr)
+    assert line.endswith(f" serving CountTask from sqlite:///{tmp_path / 'new.sqlite'}"), line
+    ok(alchq_in(tmp_path, "prune", "tests.tasks:CountTask", "--database-url", url))
+
+
+def test_create_tables_needs_the_directory_of_a_new_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "dir" / "q.sqlite"
+    line = clean_error(
+        alchq("create-tables", "tests.tasks:CountTask", "--database-url", f"sqlite:///{path}")
+    )
+    assert f"cannot create the SQLite database file {path}" in line, line
+    assert f"its directory {path.parent} does not exist" in line, line
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_no_file(tmp_path: Path, url: str) -> None:
+    proc = alchq_in(
+        tmp_path, "run", "tests.tasks:CountTask", "--database-url", url, "--burst", *QUIET
+    )
+    line = clean_error(proc)  # an empty database: the table is missing, as before
+    assert "table 'count_task' for CountTask does not exist" in line, line
+    ok(alchq_in(tmp_path, "create-tables", "tests.tasks:CountTask", "--database-url", url))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_uri_modes_are_sqlites(tmp_path: Path) -> None:
+    """file: URIs with mode= do as SQLite says: ro never creates the file, rwc does."""
+    path = tmp_path / "q.sqlite"
+    ro = f"sqlite:///file:{path}?mode=ro&uri=true"
+    line = clean_error(
+        alchq("run", "tests.tasks:CountTask", "--database-url", ro, "--burst", *QUIET)
+    )
+    assert "unable to open database file" in line, line
+    assert not path.exists()
+
+    rwc = f"sqlite:///file:{path}?mode=rwc&uri=true"
+    ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", rwc))
+    assert path.is_file()
+    ok(alchq("run", "tests.tasks:CountTask", "--database-url", rwc, "--burst", *QUIET))
+
+
+@pytest.mark.parametrize("command", ["run", "prune"])
+def test_flask_missing_sqlite_file_is_an_error_and_not_created(
+    tmp_path: Path, command: str
+) -> None:
+    path = tmp_path / "missing.sqlite"
+    line = clean_error(flask(f"sqlite:///{path}", "alchq", command, "tests.tasks:CountTask"))
+    assert f"the SQLite database file {path} does not exist" in line, line
+    assert "flask alchq create-tables" in line and "SQLALCHEMY_DATABASE_URI" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+#: A Flask app like tests.flask_app's, with its instance folder where the test says.
+INSTANCE_APP = """
+import os
+
+from flask import Flask
+
+from alchq.flask import Alchq
+from tests.flask_app import URL_VARIABLE, db
+
+
+def create_app():
+    app = Flask("instance_app", instance_path=os.environ["TEST_INSTANCE_PATH"])
+    app.config["SQLALCHEMY_DATABASE_URI"] = os.environ[URL_VARIABLE]
+    db.init_app(app)
+    Alchq(app)
+    return app
+"""
+
+
+@pytest.fixture
+def instance_flask(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``flask --app instance_app alchq ARGS`` on a URL; the instance folder is tmp/instance."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "instance_app.py").write_text(INSTANCE_APP)
+    extra = {
+        "PYTHONPATH": os.pathsep.join([str(code), worker_env()["PYTHONPATH"]]),
+        "TEST_INSTANCE_PATH": str(tmp_path / "instance"),
+    }
+
+    def run(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return flask(url, "alchq", *args, app="instance_app", extra_env=extra)
+
+    return run
+
+
+def test_flask_relative_sqlite_path_is_in_the_instance_folder(
+    tmp_path: Path, instance_flask: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """Flask-SQLAlchemy reads it from the app's instance folder (alchq from the current
+    directory): the message says where it looked."""
+    instance = tmp_path / "instance"
+    url = "sqlite:///q.sqlite"
+    for command in ("run", "prune"):
+        line = clean_error(instance_flask(url, command, "tests.tasks:CountTask"))
+        assert f"the SQLite database file {instance / 'q.sqlite'} does not exist" in line, line
+        assert f"instance folder {instance}" in line, line
+        assert not (instance / "q.sqlite").exists()
+
+    ok(instance_flask(url, "create-tables", "tests.tasks:CountTask"))
+    assert (instance / "q.sqlite").is_file()
+    proc = ok(instance_flask(url, "run", "tests.tasks:CountTask", "--burst"))
+    (line,) = serving_lines(proc.stderr)
+    assert line.endswith(f" serving CountTask from sqlite:///{instance / 'q.sqlite'}"), line
+
+
+def test_flask_create_tables_needs_the_directory(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "q.sqlite"
+    line = clean_error(
+        flask(f"sqlite:///{path}", "alchq", "create-tables", "tests.tasks:CountTask")
+    )
+    assert f"its directory {path.parent} does not exist" in line, line
+    assert not path.parent.exists()
+
+
+# -- the worker's start line: only once its checks passed ------------------------------
+
+
+def run_front(front: str, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``alchq run ARGS`` or ``flask alchq run ARGS`` on ``url``."""
+    if front == "alchq":
+        return alchq("run", *args, "--database-url", url)
+    return flask(url, "alchq", "run", *args)
+
+
+@pytest.mark.parametrize("front", ["alchq", "flask"])
+def test_start_line_names_the_database_before_the_first_task(
+    engine: Engine, db_url: str, front: str
+) -> None:
+    metadata.create_all(engine)
+    add_count_tasks(engine, 2)
+
+    proc = ok(run_front(front, db_url, "tests.tasks:CountTask", "--burst"))
+
+    assert statuses(engine) == {"PROCESSED": 2}
+    lines = proc.stderr.splitlines()
+    (line,) = serving_lines(proc.stderr)
+    assert line.endswith(f" serving CountTask from {make_url(db_url).render_as_string()}"), line
+    first_task = next(i for i, text in enumerate(lines) if "started (attempt 1)" in text)
+    assert lines.index(line) < first_task, proc.stderr
+
+
+def _table_of_the_wrong_shape(engine: Engine) -> None:
+    """count_task with only its id: the supervisor's look finds it, a claim would fail."""
+    Table("count_task", MetaData(), Column("id", Integer, primary_key=True)).create(engine)
+
+
+@pytest.mark.parametrize(
+    ("front", "extra"),
+    [("alchq", ()), ("alchq", ("--concurrency", "2")), ("flask", ())],
+    ids=["alchq", "alchq-concurrency", "flask"],
+)
+def test_no_start_line_when_the_checks_fail(
+    engine: Engine, db_url: str, front: str, extra: tuple[str, ...]
+) -> None:
+    _table_of_the_wrong_shape(engine)
+
+    proc = run_front(front, db_url, "tests.tasks:CountTask", "--burst", *extra)
+
+    out = f"exit {proc.returncode}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("alchq: error:")]
+    assert errors and all("the table does not match the model" in e for e in errors), out
+    assert "serving" not in proc.stderr, out
+
+
+# -- --log-level -----------------------------------------------------------------------
+
+LEVELS = ["debug", "DEBUG", "Info", "warning", "error", "critical"]
+
+
+@pytest.fixture
+def queue_file(tmp_path: Path) -> str:
+    """A SQLite queue with its tables and nothing to do."""
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    eng = create_engine(url)
+    try:
+        metadata.create_all(eng)
+    finally:
+        eng.dispose()
+    return url
+
+
+@pytest.mark.parametrize("front", ["alchq", "flask"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_log_level_in_any_case(queue_file: str, front: str, level: str) -> None:
+    proc = ok(
+        run_front(front, queue_file, "tests.tasks:CountTask", "--burst", "--log-level", level)
+    )
+    logged = {m.group(1) for m in re.finditer(r"^\S+ \S+ ([A-Z]+) alchq\.", proc.stderr, re.M)}
+    if level.upper() == "DEBUG":
+        assert "DEBUG" in logged and serving_lines(proc.stderr), proc.stderr
+        assert " settings: Settings(poll_interval=" in proc.stderr, proc.stderr
+    elif level.upper() == "INFO":
+        assert logged == {"INFO"} and serving_lines(proc.stderr), proc.stderr
+    else:
+        assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("front", ["alchq", "flask"])
+@pytest.mark.parametrize("value", ["bogus", "WARN"])
+def test_bad_log_level_lists_the_accepted_ones(tmp_path: Path, front: str, value: str) -> None:
+    proc = run_front(front, sqlite_url(tmp_path), "tests.tasks:CountTask", "--log-level", value)
+    out = f"exit {proc.returncode}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, out
+    errors = [line for line in proc.stderr.splitlines() if re.search("error:", line, re.I)]
+    assert len(errors) == 1, out
+    assert "--log-level" in errors[0] and value in errors[0], out
+    for level in ("debug", "info", "warning", "error", "critical"):
+        assert re.search(rf"\b{level}\b", errors[0], re.I), out
+    assert not (tmp_path / "never-created.sqlite").exists()
 
 
 # -- the seed's hand-written command group ------------------------------------------------

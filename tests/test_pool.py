@@ -489,6 +489,7 @@ def test_misconfiguration_is_one_line_before_any_child_starts(
     tmp_path: Path, model: str, url: str, expected: str
 ) -> None:
     if url == "sqlite":
+        (tmp_path / "empty.sqlite").touch()  # a database without the table
         url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
     else:
         url = "postgresql+psycopg://bob:s3cret@127.0.0.1:1/x"  # nothing listens on port 1

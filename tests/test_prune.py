@@ -424,6 +424,7 @@ def test_bad_batch_size_is_rejected(tmp_path: Path) -> None:
 
 
 def test_prune_table_missing(tmp_path: Path) -> None:
+    (tmp_path / "empty.sqlite").touch()  # a database without the table
     url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
     line = clean_error(prune_cli("tests.tasks:CountTask", "--database-url", url))
     assert "'count_task'" in line and "does not exist" in line

@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from alchq import __version__
 from alchq._commands import (
     LOG_LEVELS,
+    URL_VARIABLES,
     configure_logging,
     create_tables,
     load_models,
@@ -55,11 +56,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid level {text!r}: use one of {', '.join(LOG_LEVELS)} (in any case)"
+        )
+    return level
+
+
 def _url_option(parser: argparse.ArgumentParser) -> None:
+    first, second = URL_VARIABLES
     parser.add_argument(
         "--database-url",
-        default=os.environ.get("ALCHQ_DATABASE_URL") or os.environ.get("DATABASE_URL"),
-        help="SQLAlchemy database URL (default: $ALCHQ_DATABASE_URL, else $DATABASE_URL)",
+        default=os.environ.get(first) or os.environ.get(second),
+        help=f"SQLAlchemy database URL (default: ${first}, else ${second}); "
+        "postgres:// means PostgreSQL",
     )
 
 
@@ -99,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level",
         default="INFO",
-        type=str.upper,
+        type=_log_level,
         choices=LOG_LEVELS,
-        help="level of alchq's log lines (default INFO)",
+        help="level of alchq's log lines, in any case (default INFO)",
     )
 
     tables = sub.add_parser("create-tables", help="create the tables of task models")
@@ -136,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _models_and_engine(
     args: argparse.Namespace,
 ) -> Iterator[tuple[list[type[BaseQueue]], Engine]]:
-    """The models named on the command line and an engine, disposed of afterwards."""
+    """The models named on the command line and an engine, disposed of afterwards.
+
+    Only ``create-tables`` may create a SQLite database file.
+    """
     models = load_models(args.models)
-    engine = make_engine(args.database_url)
+    engine = make_engine(
+        args.database_url, may_create=args.command == "create-tables", models=args.models
+    )
     try:
         yield models, engine
     finally:

@@ -17,24 +17,30 @@ The worker finds the app's Flask-SQLAlchemy ``db`` by itself and uses
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from alchq._binds import engine_of
 from alchq._commands import (
     LOG_LEVELS,
     configure_logging,
     create_tables,
+    create_tables_hint,
+    guard_sqlite_file,
     load_models,
     prune_tables,
+    sqlite_file,
 )
 from alchq._pool import CONCURRENCY_ENV, POOLS, error_status, run_pool
 from alchq._sessions import flask_app, flask_db
 from alchq.exceptions import AlchqError, NoDatabaseError
+from alchq.model import BaseQueue
 
 __all__ = ["Alchq", "cli"]
 
@@ -65,6 +71,38 @@ def _db() -> Any:
             "this Flask app has no Flask-SQLAlchemy extension (db = SQLAlchemy(app))"
         )
     return db
+
+
+def _guard_sqlite_files(
+    db: Any, models: Sequence[type[BaseQueue]], refs: Sequence[str], *, may_create: bool
+) -> None:
+    """The SQLite files of the models' engines must be there (run, prune), or be
+    creatable (create-tables), when they connect: SQLite would create them empty."""
+    app = flask_app()
+    instance = os.path.abspath(app.instance_path)
+    session = db.session()
+    try:
+        # db.engine too: create-tables creates the tables there.
+        engines = list(dict.fromkeys([db.engine, *(engine_of(session, m) for m in models)]))
+    finally:
+        db.session.remove()
+    for engine in engines:
+        path = sqlite_file(engine.url)
+        if path is None:
+            continue
+        origin = ""
+        if path.startswith(instance + os.sep):
+            origin = (
+                "Flask-SQLAlchemy reads a relative SQLite path as relative to the app's "
+                f"instance folder {instance}"
+            )
+        guard_sqlite_file(
+            engine,
+            may_create=may_create,
+            command=create_tables_hint("flask alchq", refs),
+            origin=origin,
+            setting="the app's SQLALCHEMY_DATABASE_URI",
+        )
 
 
 @cli.command("run")
@@ -109,9 +147,12 @@ def run_command(
 ) -> None:
     """Run a worker for one or more task models."""
     configure_logging(log_level)
+    loaded = load_models(models)
+    db = _db()
+    _guard_sqlite_files(db, loaded, models, may_create=False)
     status = run_pool(
-        load_models(models),
-        session_factory=_db(),
+        loaded,
+        session_factory=db,
         poll_interval=poll_interval,
         burst=burst,
         max_tasks=max_tasks,
@@ -129,6 +170,7 @@ def create_tables_command(models: tuple[str, ...]) -> None:
     """Create the tables of task models that do not exist yet."""
     loaded = load_models(models)
     db = _db()
+    _guard_sqlite_files(db, loaded, models, may_create=True)
     names = create_tables(loaded, db.engine)
     click.echo("created (if missing): " + ", ".join(names))
 
@@ -156,9 +198,12 @@ def prune_command(
     AGE: 90s, 15m, 12h, 7d, 2w, a number of seconds, 0 (all), or never (keep them).
     Omitted ages come from the ALCHQ_PRUNE_*_AFTER settings (7d; 30d for ERROR).
     """
+    loaded = load_models(models)
+    db = _db()
+    _guard_sqlite_files(db, loaded, models, may_create=False)
     for line in prune_tables(
-        load_models(models),
-        session_factory=_db(),
+        loaded,
+        session_factory=db,
         older_than=older_than,
         processed=processed,
         error=error,

@@ -150,8 +150,11 @@ def _foreign_key_values(
 ) -> dict[str, Any]:
     name = f"{mapper.class_.__name__}.{prop.key}"
     local = [col for col, _ in prop.local_remote_pairs or ()]
-    if prop.uselist or prop.secondary is not None or not local or any(
-        col.table is not mapper.local_table for col in local
+    if (
+        prop.uselist
+        or prop.secondary is not None
+        or not local
+        or any(col.table is not mapper.local_table for col in local)
     ):
         raise TypeError(
             f"enqueue() with a unique_key cannot set {name} (only columns and "

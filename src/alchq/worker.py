@@ -32,10 +32,10 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, false, inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -148,6 +148,11 @@ class Worker:
         self._scheduler = Scheduler(
             self.models if scheduler else (), self._binds, self.settings, self.app_context
         )
+        #: Called once with the worker when its checks passed: it reached the
+        #: database, registered, and found every model's table (before its first
+        #: claim). The commands log their "serving" line then.
+        self.on_ready: Callable[[Worker], object] | None = None
+        self._ready = False
 
     # -- control -------------------------------------------------------------
 
@@ -186,6 +191,7 @@ class Worker:
         with self._running():
             self._recorder.settle_deferred()
             self._registry.register()
+            self._check_ready()
             self._rescuer.maybe_rescue(self.models)
             for model in self.models:
                 if not self._recorder.claimable(model):
@@ -222,6 +228,7 @@ class Worker:
                 progressed = False
                 try:
                     self._registry.register()  # once: a worker is known before it claims
+                    self._check_ready()
                     self._rescuer.maybe_rescue(self.models)
                     self._maybe_prune()
                     for model in self.models:
@@ -273,6 +280,27 @@ class Worker:
             self._scheduler.close()
             self._monitor.close()
             self._registry.deregister()
+
+    def _check_ready(self) -> None:
+        """Once, when :attr:`on_ready` is set: read each model's table (no row), then call it.
+
+        Fails as a claim would: a clear error for a missing table or a wrong URL.
+        """
+        if self._ready or self.on_ready is None:
+            return
+        session = self.source.open()
+        try:
+            for model in self.models:
+                engine = self._binds.engine(session, model)
+                try:
+                    with self._binds.connect(engine) as conn:
+                        conn.execute(select(*task_table(model).columns).where(false()))
+                except DBAPIError as exc:
+                    raise self._binds.diagnose(exc, model, engine) from exc
+        finally:
+            self.source.release(session)
+        self._ready = True
+        self.on_ready(self)
 
     def _maybe_prune(self) -> None:
         """Every prune_interval (off by default), delete old finished tasks, between tasks.
