@@ -324,3 +324,21 @@ def test_the_package_declares_the_plugin() -> None:
 
     (plugin,) = [e for e in entry_points(group="alembic.plugins") if e.value.startswith("alchq")]
     assert plugin.name.startswith("alembic.autogenerate.")  # matched by Alembic's default list
+
+
+def test_a_table_with_a_column_of_alchqs_name_is_adopted_and_told_to_rename(
+    engine: Engine,
+) -> None:
+    """Autogenerate still writes adopt_table (not half of alchq's schema); it says what to do."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE legacy_job (id INTEGER PRIMARY KEY, payload VARCHAR(50),"
+                " status VARCHAR(20))"
+            )
+        )
+    ops, code = _upgrade_ops(engine)
+    assert AdoptTableOp in [type(o) for o in ops.ops], code
+    assert not re.search(r"add_column\(.*'alchq_attempts'", code)
+    with pytest.raises(ValueError, match=r"already has column\(s\) 'status'"):
+        _migrate(engine, lambda: adopt_table("legacy_job"))

@@ -303,7 +303,10 @@ def _adoption(
         for o in operation.ops
         if isinstance(o, ops.AddColumnOp) and o.column.name in names
     }
-    if "status" not in added or "alchq_attempts" not in added:
+    # alchq_attempts is alchq's alone: a table that gains it is being adopted,
+    # even when it has a column of another of alchq's names (adopt_table then
+    # says to rename it, instead of a migration that adds half the schema).
+    if "alchq_attempts" not in added:
         return None
     table = _table_of(autogen_context, operation.table_name, operation.schema)
     if table is None or f"ix_{table.name}_alchq_ready" not in {ix.name for ix in table.indexes}:
