@@ -165,3 +165,31 @@ def test_a_self_wait_ends_at_the_time_limit_once(eng: Engine, db_url: str, tmp_p
         assert out.index(SELF_WAIT) < out.index("time limit of 3s"), out
     finally:
         worker.kill()
+
+
+def test_on_sqlite_a_self_wait_ends_at_the_busy_timeout_without_retries(
+    eng: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """SQLite gives up on the lock after its busy timeout (30 s), long before the time
+    limit: "database is locked" is then the task's failure, not an outage (it was
+    taken for one and re-run for ever), and not retried (it would wait again)."""
+    if eng.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL waits until the time limit (the test above)")
+    task = _add(eng, "self")
+    worker = Worker(db_url, tmp_path / "worker.log")
+    try:
+
+        def ended() -> Any:
+            with eng.connect() as conn:
+                return conn.execute(
+                    select(TABLE.c.status, TABLE.c.alchq_attempts, TABLE.c.alchq_error_message)
+                    .where(TABLE.c.id == task, TABLE.c.status != "PROCESSING")
+                    .where(TABLE.c.status != "PENDING")
+                ).first()
+
+        row = wait_until(ended, 50, "the task to end", worker.output)
+        assert (row[0], row[1]) == ("ERROR", 1), worker.output()
+        assert "database is locked" in row[2], row
+        assert "not retried" in worker.output()
+    finally:
+        worker.kill()

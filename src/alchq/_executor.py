@@ -148,6 +148,17 @@ class Executor:
             if not self.binds.reachable(held.engine):
                 return Outcome(Kind.RELEASE, exc, away=True)
             return lost_connection(held, exc, int(self.settings.max_lost_claims))
+        if held.dialect.is_conflict(exc):
+            # A lock or serialization wait that run() lost: the task's failure,
+            # retried (bounded), never the database being away.
+            if watch.reported:
+                # It waited on the task's own lock: it would again, every time.
+                detail = (
+                    f"{_text.describe(exc)} (run() waited for a lock its own session "
+                    "held; not retried)"
+                )
+                return Outcome(Kind.ERROR, exc, tb, detail=detail)
+            return failed(held, exc, tb)
         if watch.owns(exc) and held.dialect.is_transient(exc):
             return Outcome(Kind.RELEASE, exc, away=True)  # e.g. a read-only window
         return failed(held, exc, tb)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, false, inspect, select
+from sqlalchemy import Column, Engine, false, inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -56,7 +56,7 @@ from alchq._stopping import EXIT_INTERRUPTED, REPLACED_ENV, Stopper
 from alchq._wakeup import Waiter
 from alchq.config import Settings
 from alchq.exceptions import DatabaseError
-from alchq.model import BaseQueue, check_task_model, task_table
+from alchq.model import BaseQueue, check_task_model, queue_columns, task_table
 
 __all__ = [
     "Worker",
@@ -282,7 +282,7 @@ class Worker:
             self._registry.deregister()
 
     def _check_ready(self) -> None:
-        """Once, when :attr:`on_ready` is set: read each model's table (no row), then call it.
+        """Once, when :attr:`on_ready` is set: query each model's table (no row), then call it.
 
         Fails as a claim would: a clear error for a missing table or a wrong URL.
         """
@@ -294,7 +294,7 @@ class Worker:
                 engine = self._binds.engine(session, model)
                 try:
                     with self._binds.connect(engine) as conn:
-                        conn.execute(select(*task_table(model).columns).where(false()))
+                        conn.execute(select(*_claimed_columns(model)).where(false()))
                 except DBAPIError as exc:
                     raise self._binds.diagnose(exc, model, engine) from exc
         finally:
@@ -395,6 +395,18 @@ def _models(model: type[BaseQueue] | Sequence[type[BaseQueue]]) -> tuple[type[Ba
     if isinstance(model, (list, tuple)):
         return tuple(model)
     return (model,)  # type: ignore[return-value]  # checked by Worker
+
+
+def _claimed_columns(model: type[BaseQueue]) -> list[Column[Any]]:
+    """The columns a claim reads and writes: the key and BaseQueue's own.
+
+    Not the model's other columns: a worker whose model no longer matches its
+    table there (a migration renamed one) still serves, releasing the rows it
+    cannot load for a worker whose code matches.
+    """
+    table = task_table(model)
+    names = [str(c.name) for c in queue_columns()]
+    return [*table.primary_key.columns, *(table.c[n] for n in names if n in table.c)]
 
 
 def process_one(
