@@ -51,3 +51,4 @@ clean:
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.latency

@@ -55,6 +55,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq._dialects import dialect_for, ready_index_kwargs, utc_now
 from alchq._dialects.types import UTCDateTime
+from alchq._notify import note_insert
 from alchq.exceptions import CancelError, TaskDefinitionError
 from alchq.scheduling import Periodic, Retry
 
@@ -381,6 +382,7 @@ class BaseQueue:
         for _ in range(5):
             inserted = conn.execute(stmt.returning(*pk_cols)).first()
             if inserted is not None:
+                note_insert(session, table, engine)  # a Core insert: no flush sees it
                 ident = tuple(inserted) if len(pk_cols) > 1 else inserted[0]
                 new = session.get(cls, ident)
                 assert new is not None

@@ -39,9 +39,10 @@ from sqlalchemy import Column, Engine, false, inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from alchq import _notify
 from alchq._binds import Binds, Outage
 from alchq._claimer import Claimer
-from alchq._dialects import Claim
+from alchq._dialects import Claim, dialect_for
 from alchq._executor import Executor
 from alchq._held import Held, WorkerShutdown
 from alchq._link import ADOPT_ENV, SUPERVISOR_PID_ENV
@@ -220,7 +221,7 @@ class Worker:
     def _loop(self, limit: int | None, wait: bool) -> int:
         done = 0
         outage = Outage(self.settings.max_backoff, self._binds)
-        with self._running():
+        with self._running(), self._woken_by_new_tasks(wait):
             while True:
                 self._recorder.settle_deferred()
                 if self.stopping or (limit is not None and done >= limit):
@@ -280,6 +281,24 @@ class Worker:
             self._scheduler.close()
             self._monitor.close()
             self._registry.deregister()
+
+    @contextlib.contextmanager
+    def _woken_by_new_tasks(self, wait: bool) -> Iterator[None]:
+        """While the loop may wait: new tasks in the served tables end the wait."""
+        if not wait:
+            yield
+            return
+        session = self.source.open()
+        try:
+            engines = [self._binds.engine(session, model) for model in self.models]
+        finally:
+            self.source.release(session)
+        tables = [
+            (_notify.table_key(task_table(model)), engine, dialect_for(engine))
+            for model, engine in zip(self.models, engines, strict=True)
+        ]
+        with self._waiter.woken_by_new_tasks(tables):
+            yield
 
     def _check_ready(self) -> None:
         """Once, when :attr:`on_ready` is set: query each model's table (no row), then call it.

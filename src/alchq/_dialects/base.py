@@ -215,6 +215,13 @@ class Dialect:
         """Was a write refused because the database (or connection) is read-only?"""
         return False
 
+    #: Can workers LISTEN for new tasks (see :meth:`notifications`)?
+    listens: ClassVar[bool] = False
+
+    def notifications(self, dbapi_connection: Any, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` s on a LISTENing connection; the payloads received."""
+        raise NotImplementedError
+
     def backend_id(self, dbapi_connection: Any) -> Any:
         """The database's id of a DB-API connection (to ask who blocks whom), or None."""
         return None

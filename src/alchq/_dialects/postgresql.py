@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -145,6 +146,19 @@ class PostgreSQLDialect(Dialect):
 
     def is_schema_mismatch(self, exc: BaseException) -> bool:
         return _sqlstate(exc) in _MISMATCH_SQLSTATES
+
+    listens = True
+
+    def notifications(self, dbapi_connection: Any, timeout: float) -> list[str]:
+        notifies = getattr(dbapi_connection, "notifies", None)
+        if callable(notifies):  # psycopg 3: a generator, here ending at the first one
+            return [n.payload for n in notifies(timeout=timeout, stop_after=1)]
+        # psycopg2: wait for the socket, then read what arrived.
+        if select.select([dbapi_connection], [], [], timeout)[0]:
+            dbapi_connection.poll()
+        received = [n.payload for n in dbapi_connection.notifies]
+        dbapi_connection.notifies.clear()
+        return received
 
     def backend_id(self, dbapi_connection: Any) -> Any:
         info = getattr(dbapi_connection, "info", None)  # psycopg 3

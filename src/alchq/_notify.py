@@ -1,0 +1,228 @@
+"""Wake-ups: an idle worker hears of new tasks at once, not at its next poll.
+
+Sending needs no call from the app. Session events note the task tables a
+transaction inserted into (``after_flush``) and, only once it has committed,
+pass them on:
+
+- to the workers of this process waiting for those tables (any database);
+- on PostgreSQL, to a sender thread that runs ``NOTIFY`` on a connection of
+  its own. It coalesces: while one NOTIFY is in flight, the tables committed
+  meanwhile wait for the next. So the lock PostgreSQL takes at the commit of a
+  notifying transaction is never in the app's commit, and heavy enqueue
+  traffic sends at most one NOTIFY per round trip per process.
+
+Receiving, on PostgreSQL: a :class:`Listener` thread per worker runs
+``LISTEN`` on a connection of its own and wakes the worker's waiter when a
+table it serves is named; it reconnects by itself. Polling stays the
+fallback for everything a notification can miss (an insert by another
+program, a lost connection, PgBouncer in transaction mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, event, inspect, text
+from sqlalchemy.orm import Session
+
+from alchq._util import first_line, helper_thread
+
+logger = logging.getLogger("alchq.worker")
+
+#: The PostgreSQL channel; the payload is the task table's name.
+CHANNEL = "alchq"
+
+
+def table_key(table: Table) -> str:
+    """How a notification names a table: ``schema.name``, or ``name``."""
+    return f"{table.schema}.{table.name}" if table.schema else table.name
+
+
+# -- waiters in this process ----------------------------------------------------
+
+_local_lock = threading.Lock()
+_local: dict[str, weakref.WeakSet[Any]] = {}
+
+
+def subscribe(tables: Iterable[str], waiter: Any) -> None:
+    """Wake ``waiter`` (it has ``wake()``) when this process commits tasks into ``tables``."""
+    with _local_lock:
+        for key in tables:
+            _local.setdefault(key, weakref.WeakSet()).add(waiter)
+
+
+def unsubscribe(tables: Iterable[str], waiter: Any) -> None:
+    with _local_lock:
+        for key in tables:
+            _local.get(key, weakref.WeakSet()).discard(waiter)
+
+
+def _wake_local(tables: Iterable[str]) -> None:
+    with _local_lock:
+        waiters = {w for key in tables for w in _local.get(key, ())}
+    for waiter in waiters:
+        waiter.wake()
+
+
+# -- sending ----------------------------------------------------------------------
+
+
+class _Sender:
+    """The process's NOTIFY thread: one NOTIFY in flight at a time, tables merged."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[int, tuple[Engine, set[str]]] = {}
+        self._pid = -1
+        self._thread: threading.Thread | None = None
+
+    def send(self, engine: Engine, tables: set[str]) -> None:
+        with self._cond:
+            _, queued = self._pending.setdefault(id(engine), (engine, set()))
+            queued |= tables
+            if self._pid != os.getpid() or self._thread is None:
+                # First use, or a forked child (threads do not survive a fork).
+                self._pid = os.getpid()
+                self._thread = helper_thread(self._main, "alchq-notify")
+            self._cond.notify()
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch, self._pending = self._pending, {}
+            for engine, tables in batch.values():
+                try:
+                    with engine.connect() as conn:
+                        for key in sorted(tables):
+                            conn.execute(
+                                text("SELECT pg_notify(:channel, :table)"),
+                                {"channel": CHANNEL, "table": key},
+                            )
+                        conn.commit()
+                except Exception as exc:  # a missed wake-up: the workers' poll covers it
+                    logger.debug("could not notify workers of new tasks: %s", first_line(exc))
+
+
+_sender = _Sender()
+
+#: Where a session keeps the task tables its transaction inserted into.
+_INFO_KEY = "alchq_new_tasks"
+
+
+def note_insert(session: Session, table: Table, engine: Engine | Connection) -> None:
+    """Record that ``session``'s transaction inserted tasks into ``table``."""
+    real = engine.engine if isinstance(engine, Connection) else engine
+    session.info.setdefault(_INFO_KEY, {})[table_key(table)] = real
+
+
+def _after_flush(session: Session, _context: Any) -> None:
+    for obj in session.new:
+        # BaseQueue's marker (this module is below alchq.model: no import of it).
+        if getattr(obj, "__alchq_base__", False):
+            mapper = inspect(obj).mapper
+            table = mapper.local_table
+            if isinstance(table, Table):
+                note_insert(session, table, session.get_bind(mapper=mapper))
+
+
+def _after_commit(session: Session) -> None:
+    new: dict[str, Engine] | None = session.info.pop(_INFO_KEY, None)
+    if not new:
+        return
+    _wake_local(new)
+    by_engine: dict[int, tuple[Engine, set[str]]] = {}
+    for key, engine in new.items():
+        if engine.dialect.name == "postgresql":
+            by_engine.setdefault(id(engine), (engine, set()))[1].add(key)
+    for engine, tables in by_engine.values():
+        _sender.send(engine, tables)
+
+
+def _after_rollback(session: Session) -> None:
+    if not session.in_transaction():
+        session.info.pop(_INFO_KEY, None)
+
+
+if not event.contains(Session, "after_flush", _after_flush):
+    event.listen(Session, "after_flush", _after_flush)
+    event.listen(Session, "after_commit", _after_commit)
+    event.listen(Session, "after_rollback", _after_rollback)
+
+
+# -- receiving --------------------------------------------------------------------
+
+
+class Listener:
+    """A worker's LISTEN thread on one PostgreSQL engine: ``wake()`` for its tables."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tables: set[str],
+        wake: Callable[[], None],
+        receive: Callable[[Any, float], list[str]],
+    ) -> None:
+        self.engine = engine
+        self.tables = tables
+        self._wake = wake
+        self._receive = receive
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: The backend pid of the listening connection, while there is one (tests).
+        self.backend_pid: int | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = helper_thread(self._main, "alchq-listen")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=3)
+        self._thread = None
+
+    def _main(self) -> None:
+        backoff, failing, connected_before = 0.5, False, False
+        while not self._stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+                raw.detach()  # closed below, never handed back to the pool
+                try:
+                    dbapi = raw.dbapi_connection
+                    assert dbapi is not None
+                    dbapi.rollback()
+                    dbapi.autocommit = True  # both psycopg versions: notifications at once
+                    cursor = dbapi.cursor()
+                    cursor.execute("SELECT pg_backend_pid()")
+                    self.backend_pid = int(cursor.fetchone()[0])  # type: ignore[index]
+                    cursor.execute(f'LISTEN "{CHANNEL}"')
+                    cursor.close()
+                    if connected_before:
+                        self._wake()  # tasks may have come while it was away
+                    connected_before, backoff = True, 0.5
+                    if failing:
+                        logger.info("listening for new tasks again")
+                        failing = False
+                    while not self._stop.is_set():
+                        if any(p in self.tables for p in self._receive(dbapi, 0.5)):
+                            self._wake()
+                finally:
+                    with contextlib.suppress(Exception):
+                        raw.close()
+            except Exception as exc:
+                self.backend_pid = None
+                if not failing:
+                    logger.debug(
+                        "not listening for new tasks (polling meanwhile): %s", first_line(exc)
+                    )
+                failing = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
