@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from alchq._dialects.base import (
     Claim,
+    ClaimPlan,
     Dialect,
     ReadyIndexKwargs,
     reached,
@@ -26,6 +27,7 @@ from alchq._dialects.sqlite import SQLiteDialect
 __all__ = [
     "DIALECTS",
     "Claim",
+    "ClaimPlan",
     "Dialect",
     "ReadyIndexKwargs",
     "dialect_for",

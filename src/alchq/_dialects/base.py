@@ -144,6 +144,10 @@ class Claim:
     token: int
 
 
+#: A claim built once: call it with a connection (see :meth:`Dialect.claim_plan`).
+ClaimPlan = Callable[["Connection"], list[Claim]]
+
+
 class Dialect:
     """Generic implementation; subclasses say what their database can do.
 
@@ -256,6 +260,23 @@ class Dialect:
         updated row's key and the token column's new value (the claim's
         fencing token). The caller commits.
         """
+        return self.claim_plan(table, ready, order_by, values, token_column, limit)(conn)
+
+    def claim_plan(
+        self,
+        table: Table,
+        ready: ColumnElement[bool],
+        order_by: Sequence[ColumnElement[Any]],
+        values: dict[str, Any],
+        token_column: str,
+        limit: int = 1,
+    ) -> ClaimPlan:
+        """:meth:`claim`'s statements, built once: call the result with a connection.
+
+        A worker's claim of a model is always the same statement (its times
+        come from the database's clock when it runs), so the claimer keeps the
+        plan instead of building the statement for every task.
+        """
         pk_cols = list(table.primary_key.columns)
         pick = table.select().with_only_columns(*pk_cols).where(ready).order_by(*order_by)
         pick = pick.limit(limit)
@@ -278,17 +299,25 @@ class Dialect:
                 .values(values)
                 .returning(*pk_cols, token)
             )
-            rows = conn.execute(stmt).all()
-            return [Claim(tuple(row[:-1]), int(row[-1])) for row in rows]
-        # No RETURNING (MySQL): lock the rows first, then update them by key in
-        # the same transaction; SKIP LOCKED keeps two workers apart.
-        pks = [tuple(row) for row in conn.execute(pick).all()]
-        if not pks:
-            return []
-        match = key.in_([p if len(p) > 1 else p[0] for p in pks])
-        conn.execute(update(table).where(match).where(ready).values(values))
-        sel = table.select().with_only_columns(*pk_cols, token).where(match)
-        return [Claim(tuple(row[:-1]), int(row[-1])) for row in conn.execute(sel).all()]
+
+            def returning(conn: Connection) -> list[Claim]:
+                rows = conn.execute(stmt).all()
+                return [Claim(tuple(row[:-1]), int(row[-1])) for row in rows]
+
+            return returning
+
+        def in_two_steps(conn: Connection) -> list[Claim]:
+            # No RETURNING (MySQL): lock the rows first, then update them by key
+            # in the same transaction; SKIP LOCKED keeps two workers apart.
+            pks = [tuple(row) for row in conn.execute(pick).all()]
+            if not pks:
+                return []
+            match = key.in_([p if len(p) > 1 else p[0] for p in pks])
+            conn.execute(update(table).where(match).where(ready).values(values))
+            sel = table.select().with_only_columns(*pk_cols, token).where(match)
+            return [Claim(tuple(row[:-1]), int(row[-1])) for row in conn.execute(sel).all()]
+
+        return in_two_steps
 
     def finish(
         self,
