@@ -123,7 +123,9 @@ def test_the_listener_reconnects_after_its_backend_is_killed(
     assert _starts_soon(engine, log) < 5
 
 
-def test_only_committed_tasks_are_announced(eng: Engine, db_url: str) -> None:
+def test_only_committed_tasks_are_announced(
+    eng: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _pg(eng)
     url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as listener:
@@ -137,6 +139,9 @@ def test_only_committed_tasks_are_announced(eng: Engine, db_url: str) -> None:
             _enqueue(eng)
         payloads = [n.payload for n in listener.notifies(timeout=1.0)]
         assert payloads and set(payloads) == {"count_task"}, payloads
+        monkeypatch.setenv("ALCHQ_NOTIFY", "off")  # documented switch: no NOTIFY at all
+        _enqueue(eng)
+        assert [n.payload for n in listener.notifies(timeout=1.0)] == []
 
 
 def _wait_for_run(engine: Engine, task: int) -> None:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,6 +38,14 @@ logger = logging.getLogger("alchq.worker")
 
 #: The PostgreSQL channel; the payload is the task table's name.
 CHANNEL = "alchq"
+
+_OFF = ("0", "off", "false", "no")
+
+
+def enabled() -> bool:
+    """``ALCHQ_NOTIFY`` (default on): off, committing processes send no NOTIFY and
+    workers do not LISTEN (they poll). In-process wake-ups stay on."""
+    return os.environ.get("ALCHQ_NOTIFY", "on").strip().lower() not in _OFF
 
 
 def table_key(table: Table) -> str:
@@ -73,6 +82,10 @@ def _wake_local(tables: Iterable[str]) -> None:
 # -- sending ----------------------------------------------------------------------
 
 
+#: Seconds between two NOTIFYs of one process (see _Sender).
+GAP = 0.05
+
+
 class _Sender:
     """The process's NOTIFY thread: one NOTIFY in flight at a time, tables merged."""
 
@@ -81,6 +94,8 @@ class _Sender:
         self._pending: dict[int, tuple[Engine, set[str]]] = {}
         self._pid = -1
         self._thread: threading.Thread | None = None
+        #: Waiting for work, not pausing between two NOTIFYs.
+        self._idle = True
 
     def send(self, engine: Engine, tables: set[str]) -> None:
         with self._cond:
@@ -89,15 +104,27 @@ class _Sender:
             if self._pid != os.getpid() or self._thread is None:
                 # First use, or a forked child (threads do not survive a fork).
                 self._pid = os.getpid()
+                self._idle = True
                 self._thread = helper_thread(self._main, "alchq-notify")
-            self._cond.notify()
+            if self._idle:  # pausing, it takes what is pending when the pause ends
+                self._cond.notify()
 
     def _main(self) -> None:
+        last = -GAP
         while True:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
+                # At most one NOTIFY per GAP: the first of a burst goes at once
+                # (an idle worker starts it within milliseconds), the rest of the
+                # burst is merged into one at the end of the gap (busy workers do
+                # not wait for notifications anyway).
+                self._idle = False
+                while (pause := last + GAP - time.monotonic()) > 0:
+                    self._cond.wait(pause)
                 batch, self._pending = self._pending, {}
+                self._idle = True
+            last = time.monotonic()
             for engine, tables in batch.values():
                 try:
                     with engine.connect() as conn:
@@ -142,8 +169,9 @@ def _after_commit(session: Session) -> None:
     for key, engine in new.items():
         if engine.dialect.name == "postgresql":
             by_engine.setdefault(id(engine), (engine, set()))[1].add(key)
-    for engine, tables in by_engine.values():
-        _sender.send(engine, tables)
+    if by_engine and enabled():
+        for engine, tables in by_engine.values():
+            _sender.send(engine, tables)
 
 
 def _after_rollback(session: Session) -> None:

@@ -42,7 +42,7 @@ class Waiter:
         keys = {key for key, _, _ in tables}
         _notify.subscribe(keys, self)
         listeners: list[_notify.Listener] = []
-        if listen:
+        if listen and _notify.enabled():
             by_engine: dict[int, tuple[Engine, Dialect, set[str]]] = {}
             for key, engine, dialect in tables:
                 if dialect.listens:
