@@ -52,3 +52,4 @@ clean:
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.latency
+	$(BIN)/python -m benchmarks.enqueue
