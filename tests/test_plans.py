@@ -1,0 +1,101 @@
+"""The worker's queries use their indexes however many finished rows the table holds.
+
+PostgreSQL, 100,000 finished rows: every statement the worker sends to the task
+table while it claims, rescues lost claims and prunes is EXPLAINed (with its
+real parameters), and none may scan the table sequentially. A plan, not a
+timing: it holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+
+import alchq
+from alchq import worker
+from tests.tasks import CountTask
+
+TABLE = "count_task"
+
+
+@pytest.fixture
+def pg(engine: Engine) -> Engine:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("plans are PostgreSQL's")
+    alchq.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"INSERT INTO {TABLE} (status, time_created, time_updated, alchq_finished_at)"
+                " SELECT CASE WHEN g % 3 = 0 THEN 'ERROR' ELSE 'PROCESSED' END,"
+                " now() - make_interval(secs => g / 100.0), now(),"
+                " now() - make_interval(secs => g / 100.0) FROM generate_series(1, 100000) AS g"
+            )
+        )
+        # A few old enough to prune (a steady state: pruning keeps up).
+        conn.execute(
+            text(
+                f"INSERT INTO {TABLE} (status, time_created, time_updated, alchq_finished_at)"
+                " SELECT 'PROCESSED', now() - interval '3 hours', now() - interval '3 hours',"
+                " now() - interval '3 hours' FROM generate_series(1, 300)"
+            )
+        )
+        conn.execute(text(f"INSERT INTO {TABLE} (sleep) SELECT 0 FROM generate_series(1, 5)"))
+        # Claims of a worker that is gone, their leases run out: for the rescue.
+        conn.execute(
+            text(
+                f"INSERT INTO {TABLE} (status, alchq_worker, alchq_attempts, alchq_started_at,"
+                " alchq_lease_until) SELECT 'PROCESSING', 'gone:1:x', 1, now() - interval '1 hour',"
+                " now() - interval '30 minutes' FROM generate_series(1, 3)"
+            )
+        )
+        conn.execute(text(f"ANALYZE {TABLE}"))
+    return engine
+
+
+def _statements(engine: Engine, action: Any) -> list[tuple[str, Any]]:
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if TABLE in statement and not statement.lstrip().upper().startswith("EXPLAIN"):
+            seen.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return seen
+
+
+def _plans(engine: Engine, statements: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+    plans = []
+    with engine.connect() as conn:
+        for sql, params in statements:
+            rows = conn.exec_driver_sql(f"EXPLAIN {sql}", params).scalars().all()
+            plans.append((sql, "\n".join(rows)))
+            conn.rollback()
+    return plans
+
+
+def _no_seq_scan(plans: list[tuple[str, str]]) -> None:
+    for sql, plan in plans:
+        assert f"Seq Scan on {TABLE}" not in plan, f"{sql}\n{plan}"
+
+
+def test_claim_and_rescue_use_indexes(pg: Engine) -> None:
+    statements = _statements(pg, lambda: worker.process_one(CountTask, engine=pg))
+    kinds = {sql.split()[0].upper() for sql, _ in statements}
+    assert "UPDATE" in kinds, statements  # the claim and the rescue's takes
+    assert any("alchq_lease_until" in sql for sql, _ in statements), "no rescue ran"
+    _no_seq_scan(_plans(pg, statements))
+
+
+def test_prune_uses_indexes(pg: Engine) -> None:
+    statements = _statements(
+        pg, lambda: alchq.prune(CountTask, engine=pg, processed="1h", error="1h", batch_size=100)
+    )
+    assert any("DELETE FROM" in sql.upper() for sql, _ in statements), statements
+    _no_seq_scan(_plans(pg, statements))
