@@ -69,6 +69,7 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["TEST_DATABASE_URL"]
     db.init_app(app)
-    migrate.init_app(app, db)
+    # As many SQLite apps do; MIGRATE_APP_BATCH=0 for Flask-Migrate's default.
+    migrate.init_app(app, db, render_as_batch=os.environ.get("MIGRATE_APP_BATCH") == "1")
     Alchq(app)
     return app

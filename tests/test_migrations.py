@@ -36,11 +36,12 @@ APP = "tests.migrate_app"
 
 
 def _flask(
-    cwd: Path, url: str, *args: str, stage: int = 2, check: bool = True
+    cwd: Path, url: str, *args: str, stage: int = 2, check: bool = True, batch: bool = False
 ) -> subprocess.CompletedProcess[str]:
     env = worker_env()
     env["TEST_DATABASE_URL"] = url
     env["MIGRATE_APP_STAGE"] = str(stage)
+    env["MIGRATE_APP_BATCH"] = "1" if batch else "0"
     done = subprocess.run(
         [sys.executable, "-m", "flask", "--app", APP, *args],
         cwd=cwd,
@@ -179,11 +180,19 @@ def test_stock_alembic_template_migration_runs_without_edits(
         _rejects(url, BOGUS_REPORT)
 
 
-def test_adopting_a_table_that_holds_rows(db_url: str, tmp_path: Path) -> None:
-    """The app's ``export`` table, with old rows, becomes an alchq task table."""
-    _flask(tmp_path, db_url, "db", "init", "-d", "m", stage=1)
-    _flask(tmp_path, db_url, "db", "migrate", "-d", "m", "-m", "plain", stage=1)
-    _flask(tmp_path, db_url, "db", "upgrade", "-d", "m", stage=1)
+@pytest.mark.parametrize("batch", [False, True], ids=["plain", "render_as_batch"])
+def test_adopting_a_table_that_holds_rows(db_url: str, tmp_path: Path, batch: bool) -> None:
+    """The app's ``export`` table, with old rows, becomes an alchq task table.
+
+    Also with ``Migrate(app, db, render_as_batch=True)``, as SQLite apps often have it.
+    """
+
+    def flask(*args: str, stage: int = 2) -> subprocess.CompletedProcess[str]:
+        return _flask(tmp_path, db_url, *args, stage=stage, batch=batch)
+
+    flask("db", "init", "-d", "m", stage=1)
+    flask("db", "migrate", "-d", "m", "-m", "plain", stage=1)
+    flask("db", "upgrade", "-d", "m", stage=1)
     _execute(
         db_url,
         "INSERT INTO user_account (id, email) VALUES (1, 'a@example.com')",
@@ -191,13 +200,13 @@ def test_adopting_a_table_that_holds_rows(db_url: str, tmp_path: Path) -> None:
         "INSERT INTO export (id, user_id, filename) VALUES (2, 1, 'old-2.csv')",
     )
 
-    _flask(tmp_path, db_url, "db", "migrate", "-d", "m", "-m", "adopt")
+    flask("db", "migrate", "-d", "m", "-m", "adopt")
     migration = next(v for v in _versions(tmp_path / "m" / "versions") if "adopt_table" in v)
     assert "import alchq.alembic\n" in migration
     assert "alchq.alembic.adopt_table('export')" in migration
     assert "alchq.alembic.drop_queue_schema('export')" in migration
     assert "add_column('status'" not in migration and "ix_export_alchq" not in migration
-    _flask(tmp_path, db_url, "db", "upgrade", "-d", "m")
+    flask("db", "upgrade", "-d", "m")
 
     # Old work is finished, not run again; the constraints hold; new work runs.
     assert _statuses(db_url, "export") == {
@@ -206,20 +215,20 @@ def test_adopting_a_table_that_holds_rows(db_url: str, tmp_path: Path) -> None:
     }
     _rejects(db_url, "UPDATE export SET status = 'BOGUS'")
     _execute(db_url, "INSERT INTO export (id, user_id) VALUES (3, 1)")
-    _flask(tmp_path, db_url, "alchq", "run", f"{APP}:Export", "--burst")
+    flask("alchq", "run", f"{APP}:Export", "--burst")
     assert _statuses(db_url, "export") == {
         1: ("PROCESSED", "old-1.csv"),
         2: ("PROCESSED", "old-2.csv"),
         3: ("PROCESSED", "export-3-of-a@example.com.csv"),
     }
-    again = _flask(tmp_path, db_url, "db", "migrate", "-d", "m", "-m", "again")
+    again = flask("db", "migrate", "-d", "m", "-m", "again")
     assert NO_CHANGES in again.stdout + again.stderr, again.stderr
     # Adopted rows age for pruning from their adoption, not from their creation.
-    _flask(tmp_path, db_url, "alchq", "prune", f"{APP}:Export", "--older-than", "1h")
+    flask("alchq", "prune", f"{APP}:Export", "--older-than", "1h")
     assert set(_statuses(db_url, "export")) == {1, 2, 3}
 
     # And back: the downgrade takes alchq's columns off, keeping the rows.
-    _flask(tmp_path, db_url, "db", "downgrade", "-d", "m", stage=1)
+    flask("db", "downgrade", "-d", "m", stage=1)
     engine = create_engine(db_url)
     try:
         columns = {c["name"] for c in inspect(engine).get_columns("export")}
