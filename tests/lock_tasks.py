@@ -5,6 +5,8 @@
 ``self``
     updates the same row through a second connection: it waits for its own
     session's lock (for ever on PostgreSQL; until the busy timeout on SQLite).
+``self_engine``
+    the same through an engine run() makes itself.
 ``other``
     updates a row of ``lock_target`` through a second connection, which the
     test holds locked for a few seconds: a wait, but not on itself.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Column, Engine, Integer, String, Table, text, update
+from sqlalchemy import Column, Engine, Integer, String, Table, create_engine, text, update
 from sqlalchemy.orm import Mapped, mapped_column, object_session
 
 from alchq import BaseQueue, metadata
@@ -68,6 +70,14 @@ def run_in_mode(task: LockTask | QuickLockTask, table: Table) -> None:
             conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="x"))
     task.note = "started"
     session.flush()  # the task's transaction now holds its row (SQLite: the file)
+    if task.mode == "self_engine":
+        # The same, through an engine of run()'s own.
+        own = create_engine(engine.url.render_as_string(hide_password=False))
+        try:
+            with own.begin() as conn:
+                conn.execute(update(table).where(table.c.id == task.id).values(note="progress"))
+        finally:
+            own.dispose()
     with engine.begin() as conn:
         if task.mode == "self":
             conn.execute(update(table).where(table.c.id == task.id).values(note="progress"))

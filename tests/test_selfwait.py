@@ -76,10 +76,11 @@ def _status(engine: Engine, task: int) -> str:
         return str(conn.execute(select(TABLE.c.status).where(TABLE.c.id == task)).scalar_one())
 
 
+@pytest.mark.parametrize("mode", ["self", "self_engine"])
 def test_a_run_waiting_on_its_own_lock_is_reported_within_seconds(
-    eng: Engine, db_url: str, tmp_path: Path
+    eng: Engine, db_url: str, tmp_path: Path, mode: str
 ) -> None:
-    task = _add(eng, "self")
+    task = _add(eng, mode)
     worker = Worker(db_url, tmp_path / "worker.log")
     try:
         started = time.monotonic()

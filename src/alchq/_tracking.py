@@ -133,7 +133,16 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
 
 
 def _same_database(engine: Engine, watch: RunWatch) -> bool:
-    return engine is watch.engine or engine.url == watch.engine.url
+    """The task's database, maybe through an engine of run()'s own (another driver)."""
+    if engine is watch.engine:
+        return True
+    mine, theirs = engine.url, watch.engine.url
+    return (mine.get_backend_name(), mine.host, mine.port, mine.database) == (
+        theirs.get_backend_name(),
+        theirs.host,
+        theirs.port,
+        theirs.database,
+    )
 
 
 def _on_any_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
