@@ -8,7 +8,9 @@ Measured in the same run, on a throwaway server at default durability:
 * ``plain ORM``: the same through a SQLAlchemy Session, into a plain table
   (what the ORM itself costs);
 * ``alchq``: ``session.add(Task()); session.commit()``, one task each;
-* the same from 8 client processes at once, with notifications on (the
+* in bulk: 10x as many in one transaction, psycopg's ``executemany`` against
+  ``Model.enqueue_many()``;
+* one task per transaction from 8 client processes at once, with notifications on (the
   default: each commit is announced to idle workers) and off
   (``ALCHQ_NOTIFY=off``). The ratio on/off shows whether NOTIFY's commit lock
   limits enqueue traffic; it should stay near 1 (alchq sends NOTIFY from a
@@ -99,7 +101,29 @@ def plain_orm(url: str, n: int) -> None:
     engine.dispose()
 
 
-KINDS = {"bare": bare, "orm": plain_orm, "alchq": with_alchq}
+def bare_bulk(url: str, n: int) -> None:
+    raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(raw) as conn, conn.cursor() as cursor:
+        cursor.executemany("INSERT INTO enqueue_task (priority) VALUES (%s)", [(0,)] * n)
+        conn.commit()
+
+
+def alchq_bulk(url: str, n: int) -> None:
+    engine = create_engine(url)
+    with Session(engine) as session:
+        EnqueueTask.enqueue_many(session, [{"priority": 0}] * n)
+        session.commit()
+    time.sleep(0.05)
+    engine.dispose()
+
+
+KINDS = {
+    "bare": bare,
+    "orm": plain_orm,
+    "alchq": with_alchq,
+    "bare_bulk": bare_bulk,
+    "alchq_bulk": alchq_bulk,
+}
 
 
 def _client(args: tuple[str, int, str, str]) -> tuple[float, float]:
@@ -135,6 +159,9 @@ def main() -> None:
         results["bare_1"] = max(rate(url, n, "bare") for _ in range(2))
         results["orm_1"] = max(rate(url, n, "orm") for _ in range(2))
         results["alchq_1"] = max(rate(url, n, "alchq") for _ in range(2))
+        bulk = n * 10
+        results["bare_bulk"] = max(rate(url, bulk, "bare_bulk") for _ in range(2))
+        results["alchq_bulk"] = max(rate(url, bulk, "alchq_bulk") for _ in range(2))
         per = max(1, n // 4)
         results["bare_8"] = max(rate(url, per, "bare", CLIENTS) for _ in range(2))
         results["alchq_8_on"] = max(rate(url, per, "alchq", CLIENTS, "on") for _ in range(2))
@@ -144,6 +171,11 @@ def main() -> None:
         f"postgresql  enqueue 1 client:  bare {r['bare_1']:7.0f}/s  plain ORM {r['orm_1']:7.0f}/s"
         f"  alchq {r['alchq_1']:7.0f}/s  alchq/bare {r['alchq_1'] / r['bare_1']:5.2f}"
         f"  alchq/ORM {r['alchq_1'] / r['orm_1']:5.2f}"
+    )
+    print(
+        f"postgresql  enqueue {n * 10} in one transaction: bare executemany"
+        f" {r['bare_bulk']:7.0f}/s  alchq enqueue_many {r['alchq_bulk']:7.0f}/s"
+        f"  alchq/bare {r['alchq_bulk'] / r['bare_bulk']:5.2f}"
     )
     print(
         f"postgresql  enqueue {CLIENTS} clients: bare {r['bare_8']:7.0f}/s"

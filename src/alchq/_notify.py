@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, event, inspect, text
+from sqlalchemy import Connection, Engine, Table, event, inspect
 from sqlalchemy.orm import Session
 
 from alchq._util import first_line, helper_thread
@@ -96,15 +96,19 @@ class _Sender:
         self._thread: threading.Thread | None = None
         #: Waiting for work, not pausing between two NOTIFYs.
         self._idle = True
+        #: Its own connection per engine (see _own_connection).
+        self._connections: weakref.WeakKeyDictionary[Engine, Any] = weakref.WeakKeyDictionary()
 
     def send(self, engine: Engine, tables: set[str]) -> None:
         with self._cond:
             _, queued = self._pending.setdefault(id(engine), (engine, set()))
             queued |= tables
             if self._pid != os.getpid() or self._thread is None:
-                # First use, or a forked child (threads do not survive a fork).
+                # First use, or a forked child (threads do not survive a fork;
+                # the parent's connections are not the child's to use).
                 self._pid = os.getpid()
                 self._idle = True
+                self._connections = weakref.WeakKeyDictionary()
                 self._thread = helper_thread(self._main, "alchq-notify")
             if self._idle:  # pausing, it takes what is pending when the pause ends
                 self._cond.notify()
@@ -127,15 +131,52 @@ class _Sender:
             last = time.monotonic()
             for engine, tables in batch.values():
                 try:
-                    with engine.connect() as conn:
-                        for key in sorted(tables):
-                            conn.execute(
-                                text("SELECT pg_notify(:channel, :table)"),
-                                {"channel": CHANNEL, "table": key},
-                            )
-                        conn.commit()
+                    self._notify(engine, sorted(tables))
                 except Exception as exc:  # a missed wake-up: the workers' poll covers it
                     logger.debug("could not notify workers of new tasks: %s", first_line(exc))
+
+    def _notify(self, engine: Engine, tables: list[str]) -> None:
+        for attempt in (1, 2):
+            dbapi = self._connections.get(engine)
+            if dbapi is None:
+                dbapi = self._connections[engine] = _own_connection(engine)
+            try:
+                cursor = dbapi.cursor()
+                try:
+                    for key in tables:
+                        cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
+                finally:
+                    cursor.close()
+                return
+            except Exception:
+                self._connections.pop(engine, None)
+                with contextlib.suppress(Exception):
+                    dbapi.close()
+                if attempt == 2:
+                    raise
+
+
+def _own_connection(engine: Engine) -> Any:
+    """A DB-API connection of the sender's own (autocommit), closed with its engine.
+
+    Not the engine's pool: an app that drops an engine leaves no open
+    connection behind in a pool nobody holds.
+    """
+    raw = engine.raw_connection()
+    raw.detach()
+    dbapi = raw.dbapi_connection
+    assert dbapi is not None
+    dbapi.rollback()
+    dbapi.autocommit = True
+    weakref.finalize(engine, _close_quietly, dbapi, os.getpid())
+    return dbapi
+
+
+def _close_quietly(dbapi: Any, pid: int) -> None:
+    # Not in a forked child: closing would end the parent's session on the server.
+    if os.getpid() == pid:
+        with contextlib.suppress(Exception):
+            dbapi.close()
 
 
 _sender = _Sender()

@@ -344,12 +344,14 @@ class Dialect:
     def insert_unless_conflict(
         self,
         table: Table,
-        values: dict[str, Any],
+        values: dict[str, Any] | None,
         index_elements: Sequence[ColumnElement[Any]],
         index_where: ColumnElement[bool] | None = None,
     ) -> Insert:
         """An INSERT that does nothing if it would break the unique index on
         ``index_elements`` (partial: ``index_where``), instead of failing.
+
+        ``values`` None: the rows are given when it is executed (many at once).
 
         Waits for a concurrent transaction inserting the same key to end, so
         exactly one of two racing inserts goes in. The caller adds RETURNING.
@@ -358,12 +360,12 @@ class Dialect:
             raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
         # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
         # unique index, so a conflict on any other constraint still fails.
-        stmt: Insert = (
-            self.on_conflict_insert(table)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=list(index_elements), index_where=index_where)
+        stmt: Insert = self.on_conflict_insert(table)
+        if values is not None:
+            stmt = stmt.values(values)
+        return stmt.on_conflict_do_nothing(  # type: ignore[attr-defined,no-any-return]
+            index_elements=list(index_elements), index_where=index_where
         )
-        return stmt
 
     def delete_batch(
         self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int
