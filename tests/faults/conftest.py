@@ -159,10 +159,20 @@ class Workers:
         worker.send(signal.SIGTERM)
 
     def stop_all(self, timeout: float = 20) -> dict[str, int]:
-        """SIGTERM every live worker and wait: {name: exit code} of those."""
+        """SIGTERM every live worker and wait: {name: exit code} of those.
+
+        A worker started a moment ago is first given time to start: SIGTERM
+        while Python is still importing ends it by the signal's default action
+        (exit -15) before alchq can handle it, which is not what is tested.
+        """
         running = self.alive()
         for w in running:
             w.send(signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        for w in running:
+            while w.alive() and not w.output().strip() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for w in running:
             w.send(signal.SIGTERM)
         return {w.name: w.wait(timeout) for w in running}
 
