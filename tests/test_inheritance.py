@@ -155,9 +155,13 @@ def test_enqueue_with_a_unique_key_sets_the_subclass_and_relationships(eng: Engi
         assert not created and holder is task
         none, created = InhOther.enqueue(session, unique_key="k2", owner=None)
         assert created and none.owner_id is None
+        # A new related object not in the session is saved, as the constructor's cascade does.
+        fresh = InhOwner(email="b@example.com")
+        task3, created = InhOther.enqueue(session, unique_key="k3", owner=fresh)
+        assert created and fresh.id is not None and task3.owner_id == fresh.id
         session.commit()
         kinds = {k: v for k, v in session.execute(select(InhTask.unique_key, InhTask.kind))}
-    assert kinds == {"k1": "export", "k2": "other"}
+    assert kinds == {"k1": "export", "k2": "other", "k3": "other"}
 
 
 def test_enqueue_refuses_a_collection_relationship_by_name(eng: Engine) -> None:

@@ -168,7 +168,11 @@ def _foreign_key_values(
         if value is None:
             row[str(column.key)] = None
             continue
-        if value in session and (inspect(value).key is None or inspect(value).modified):
+        state = inspect(value)
+        if state.transient:
+            # As the constructor's cascade would: the new object is saved too.
+            session.add(value)
+        if value in session and (state.key is None or state.modified):
             session.flush()  # pending or changed: flushed first, so its key is known
         remote_attr = prop.mapper.get_property_by_column(remote).key
         found = getattr(value, remote_attr)
