@@ -9,7 +9,7 @@ pass them on:
   its own. It coalesces: while one NOTIFY is in flight, the tables committed
   meanwhile wait for the next. So the lock PostgreSQL takes at the commit of a
   notifying transaction is never in the app's commit, and heavy enqueue
-  traffic sends at most one NOTIFY per round trip per process.
+  traffic sends at most one NOTIFY per 50 ms per process (see _Sender).
 
 Receiving, on PostgreSQL: a :class:`Listener` thread per worker runs
 ``LISTEN`` on a connection of its own and wakes the worker's waiter when a
@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, event, inspect
 from sqlalchemy.orm import Session
 
+from alchq._dialects import Dialect, dialect_for
 from alchq._util import first_line, helper_thread
 
 logger = logging.getLogger("alchq.worker")
@@ -141,12 +142,7 @@ class _Sender:
             if dbapi is None:
                 dbapi = self._connections[engine] = _own_connection(engine)
             try:
-                cursor = dbapi.cursor()
-                try:
-                    for key in tables:
-                        cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
-                finally:
-                    cursor.close()
+                dialect_for(engine).notify(dbapi, CHANNEL, tables)
                 return
             except Exception:
                 self._connections.pop(engine, None)
@@ -166,8 +162,6 @@ def _own_connection(engine: Engine) -> Any:
     raw.detach()
     dbapi = raw.dbapi_connection
     assert dbapi is not None
-    dbapi.rollback()
-    dbapi.autocommit = True
     weakref.finalize(engine, _close_quietly, dbapi, os.getpid())
     return dbapi
 
@@ -208,7 +202,7 @@ def _after_commit(session: Session) -> None:
     _wake_local(new)
     by_engine: dict[int, tuple[Engine, set[str]]] = {}
     for key, engine in new.items():
-        if engine.dialect.name == "postgresql":
+        if dialect_for(engine).listens:
             by_engine.setdefault(id(engine), (engine, set()))[1].add(key)
     if by_engine and enabled():
         for engine, tables in by_engine.values():
@@ -230,19 +224,15 @@ if not event.contains(Session, "after_flush", _after_flush):
 
 
 class Listener:
-    """A worker's LISTEN thread on one PostgreSQL engine: ``wake()`` for its tables."""
+    """A worker's listening thread on one engine (PostgreSQL): ``wake()`` for its tables."""
 
     def __init__(
-        self,
-        engine: Engine,
-        tables: set[str],
-        wake: Callable[[], None],
-        receive: Callable[[Any, float], list[str]],
+        self, engine: Engine, tables: set[str], wake: Callable[[], None], dialect: Dialect
     ) -> None:
         self.engine = engine
         self.tables = tables
         self._wake = wake
-        self._receive = receive
+        self._dialect = dialect
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: The backend pid of the listening connection, while there is one (tests).
@@ -267,13 +257,7 @@ class Listener:
                 try:
                     dbapi = raw.dbapi_connection
                     assert dbapi is not None
-                    dbapi.rollback()
-                    dbapi.autocommit = True  # both psycopg versions: notifications at once
-                    cursor = dbapi.cursor()
-                    cursor.execute("SELECT pg_backend_pid()")
-                    self.backend_pid = int(cursor.fetchone()[0])  # type: ignore[index]
-                    cursor.execute(f'LISTEN "{CHANNEL}"')
-                    cursor.close()
+                    self.backend_pid = self._dialect.listen(dbapi, CHANNEL)
                     if connected_before:
                         self._wake()  # tasks may have come while it was away
                     connected_before, backoff = True, 0.5
@@ -281,7 +265,8 @@ class Listener:
                         logger.info("listening for new tasks again")
                         failing = False
                     while not self._stop.is_set():
-                        if any(p in self.tables for p in self._receive(dbapi, 0.5)):
+                        received = self._dialect.notifications(dbapi, 0.5)
+                        if any(p in self.tables for p in received):
                             self._wake()
                 finally:
                     with contextlib.suppress(Exception):

@@ -48,7 +48,7 @@ class Waiter:
                 if dialect.listens:
                     by_engine.setdefault(id(engine), (engine, dialect, set()))[2].add(key)
             for engine, dialect, served in by_engine.values():
-                listeners.append(_notify.Listener(engine, served, self.wake, dialect.notifications))
+                listeners.append(_notify.Listener(engine, served, self.wake, dialect))
         for listener in listeners:
             listener.start()
         try:

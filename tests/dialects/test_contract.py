@@ -354,3 +354,28 @@ def test_short_lock_wait_gives_up_on_a_held_lock(db: tuple[Engine, Dialect]) -> 
     assert not dialect.is_schema_mismatch(caught.value)  # a lock wait, not a fault of the SQL
     with engine.connect() as conn:  # the connection's own setting is back
         assert conn.execute(select(func.count()).select_from(TABLE)).scalar_one() == 1
+
+
+# -- notifications ------------------------------------------------------------------
+
+
+def test_listen_notify_and_receive(db: tuple[Engine, Dialect]) -> None:
+    engine, dialect = db
+    if not dialect.listens:
+        with pytest.raises(NotImplementedError):
+            dialect.listen(None, "alchq_contract")
+        return
+    listening, sending = engine.raw_connection(), engine.raw_connection()
+    try:
+        backend = dialect.listen(listening.dbapi_connection, "alchq_contract")
+        assert backend == dialect.backend_id(listening.dbapi_connection) is not None
+        assert dialect.notifications(listening.dbapi_connection, 0.2) == []
+        dialect.notify(sending.dbapi_connection, "alchq_contract", ["a", "b"])
+        received: list[str] = []
+        deadline = time.monotonic() + 5
+        while len(received) < 2 and time.monotonic() < deadline:
+            received += dialect.notifications(listening.dbapi_connection, 1.0)
+        assert received == ["a", "b"]
+    finally:
+        listening.invalidate()  # its LISTEN must not go back to the pool
+        sending.invalidate()

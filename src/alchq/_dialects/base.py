@@ -222,8 +222,16 @@ class Dialect:
     #: Can workers LISTEN for new tasks (see :meth:`notifications`)?
     listens: ClassVar[bool] = False
 
+    def listen(self, dbapi_connection: Any, channel: str) -> Any:
+        """Make a connection of alchq's own listen on ``channel``; its :meth:`backend_id`."""
+        raise NotImplementedError
+
     def notifications(self, dbapi_connection: Any, timeout: float) -> list[str]:
-        """Wait up to ``timeout`` s on a LISTENing connection; the payloads received."""
+        """Wait up to ``timeout`` s on a listening connection; the payloads received."""
+        raise NotImplementedError
+
+    def notify(self, dbapi_connection: Any, channel: str, payloads: Sequence[str]) -> None:
+        """Send ``payloads`` on ``channel`` from a connection of alchq's own (at once)."""
         raise NotImplementedError
 
     def backend_id(self, dbapi_connection: Any) -> Any:

@@ -103,6 +103,12 @@ def _sqlstate(exc: BaseException | None) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def _autocommit(dbapi_connection: Any) -> None:
+    if not dbapi_connection.autocommit:  # psycopg 3 and psycopg2 alike
+        dbapi_connection.rollback()
+        dbapi_connection.autocommit = True
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     on_conflict_insert = staticmethod(insert)
@@ -148,6 +154,24 @@ class PostgreSQLDialect(Dialect):
         return _sqlstate(exc) in _MISMATCH_SQLSTATES
 
     listens = True
+
+    def listen(self, dbapi_connection: Any, channel: str) -> Any:
+        _autocommit(dbapi_connection)  # notifications arrive only outside a transaction
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f'LISTEN "{channel}"')
+        finally:
+            cursor.close()
+        return self.backend_id(dbapi_connection)
+
+    def notify(self, dbapi_connection: Any, channel: str, payloads: Sequence[str]) -> None:
+        _autocommit(dbapi_connection)  # each NOTIFY is sent at once
+        cursor = dbapi_connection.cursor()
+        try:
+            for payload in payloads:
+                cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        finally:
+            cursor.close()
 
     def notifications(self, dbapi_connection: Any, timeout: float) -> list[str]:
         notifies = getattr(dbapi_connection, "notifies", None)
