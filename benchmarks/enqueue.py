@@ -152,7 +152,7 @@ def main() -> None:
     from tests.pgserver import PgServer
 
     results: dict[str, Any] = {}
-    with PgServer() as pg:
+    with PgServer(durable=True) as pg:  # default durability
         pg.createdb("enqueue")
         url = pg.url("enqueue")
         n = args.tasks

@@ -105,7 +105,7 @@ def main() -> None:
         measure("sqlite", f"sqlite:///{tmp}/latency.sqlite", args.samples)
     from tests.pgserver import PgServer
 
-    with PgServer() as pg:
+    with PgServer(durable=True) as pg:  # default durability
         pg.createdb("latency")
         measure("postgresql", pg.url("latency"), args.samples)
 

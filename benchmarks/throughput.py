@@ -131,7 +131,7 @@ def main() -> None:
         bench("sqlite", f"sqlite:///{tmp}/bench.sqlite", args.tasks, bare_sqlite)
     from tests.pgserver import PgServer
 
-    with PgServer() as pg:
+    with PgServer(durable=True) as pg:  # default durability
         pg.createdb("bench")
         bench("postgresql", pg.url("bench"), args.tasks, bare_psycopg)
 

@@ -108,8 +108,10 @@ class PgServer:
     port: int
     datadir: str
 
-    def __init__(self, bindir: str | None = None) -> None:
+    def __init__(self, bindir: str | None = None, *, durable: bool = False) -> None:
         self.bindir: str = bindir if bindir is not None else find_bindir()
+        #: PostgreSQL's default durability (benchmarks); tests run without fsync.
+        self.durable = durable
         self.port = 0
         self.datadir = ""
         self.tmpdir: str = ""
@@ -157,14 +159,24 @@ class PgServer:
         return proc
 
     def _server_options(self) -> str:
+        fast = (
+            []
+            if self.durable
+            else [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
+        )
         return shlex.join(
             [
                 "-p", str(self.port),
                 "-k", self.sockdir,
                 "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
+                *fast,
                 "-c", "max_connections=200",
                 "-c", "shared_buffers=128MB",
             ]
