@@ -35,15 +35,11 @@ from tests.conftest import _fresh_pg_database, worker_env
 APP = "tests.migrate_app"
 
 
-def _flask(
-    cwd: Path, url: str, *args: str, stage: int = 2, check: bool = True, batch: bool = False
+def _run(
+    cwd: Path, command: list[str], env: dict[str, str], check: bool
 ) -> subprocess.CompletedProcess[str]:
-    env = worker_env()
-    env["TEST_DATABASE_URL"] = url
-    env["MIGRATE_APP_STAGE"] = str(stage)
-    env["MIGRATE_APP_BATCH"] = "1" if batch else "0"
     done = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", APP, *args],
+        [sys.executable, "-m", *command],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -52,23 +48,22 @@ def _flask(
         check=False,
     )
     if check and done.returncode != 0:
-        raise AssertionError(f"flask {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def _flask(
+    cwd: Path, url: str, *args: str, stage: int = 2, check: bool = True, batch: bool = False
+) -> subprocess.CompletedProcess[str]:
+    env = worker_env()
+    env["TEST_DATABASE_URL"] = url
+    env["MIGRATE_APP_STAGE"] = str(stage)
+    env["MIGRATE_APP_BATCH"] = "1" if batch else "0"
+    return _run(cwd, ["flask", "--app", APP, *args], env, check)
 
 
 def _alembic(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "alembic", *args],
-        cwd=cwd,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"alembic {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done
+    return _run(cwd, ["alembic", *args], worker_env(), check)
 
 
 def _url(kind: str, tmp_path: Path, pg_base_url: str | None, name: str) -> str:

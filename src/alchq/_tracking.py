@@ -23,6 +23,7 @@ nothing.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -124,14 +125,6 @@ def _dbapi(connection: Any) -> Any:
         return None
 
 
-def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-    watch = _current.get()
-    if watch is not None and _dbapi(conn) in watch.connections:
-        watch.statements += 1
-        if writes(statement):
-            watch.writes += 1
-
-
 def _same_database(engine: Engine, watch: RunWatch) -> bool:
     """The task's database, maybe through an engine of run()'s own (another driver)."""
     if engine is watch.engine:
@@ -145,16 +138,26 @@ def _same_database(engine: Engine, watch: RunWatch) -> bool:
     )
 
 
-def _on_any_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    """Every engine's statements (one listener, a ContextVar lookup outside a run):
+    those of the task's session are counted; one of run()'s on another connection to
+    the task's database is noted as in flight until it is done."""
     watch = _current.get()
-    if watch is None or not _same_database(conn.engine, watch):
+    if watch is None:
         return
     dbapi = _dbapi(conn)
-    if dbapi is None or dbapi in watch.connections:
+    if dbapi is None:
         return
-    watch.waiting[id(cursor)] = Waiting(
-        time.monotonic(), conn.engine, watch.backend_id(dbapi), writes(statement)
-    )
+    if dbapi in watch.connections:
+        if conn.engine not in _installed:
+            return
+        watch.statements += 1
+        if writes(statement):
+            watch.writes += 1
+    elif _same_database(conn.engine, watch):
+        watch.waiting[id(cursor)] = Waiting(
+            time.monotonic(), conn.engine, watch.backend_id(dbapi), writes(statement)
+        )
 
 
 def _on_any_statement_done(conn: Any, cursor: Any, *args: Any) -> None:
@@ -207,17 +210,20 @@ def _on_rollback(session: Session) -> None:
         watch.writes = 0
 
 
+#: The engines the worker serves tasks from (their session statements are counted).
+_installed: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def install(engine: Engine) -> None:
     """Watch ``engine``'s statements and errors (once per engine)."""
-    if not event.contains(engine, "before_cursor_execute", _on_statement):
-        event.listen(engine, "before_cursor_execute", _on_statement)
+    _installed.add(engine)
+    if not event.contains(engine, "handle_error", _on_error):
         event.listen(engine, "handle_error", _on_error)
 
 
-# Every engine's statements, for those run() sends through a second connection
-# (maybe of an engine of its own): a ContextVar lookup each, outside a run.
-if not event.contains(Engine, "before_cursor_execute", _on_any_statement):
-    event.listen(Engine, "before_cursor_execute", _on_any_statement)
+# Every engine's statements (see _on_statement).
+if not event.contains(Engine, "before_cursor_execute", _on_statement):
+    event.listen(Engine, "before_cursor_execute", _on_statement)
     event.listen(Engine, "after_cursor_execute", _on_any_statement_done)
     event.listen(Engine, "handle_error", _on_any_error)
 

@@ -86,8 +86,8 @@ def _chain(user_hook: Any) -> Any:
 # -- adopting a table: the operations autogenerate writes ------------------------------
 
 
-class AdoptTableOp(MigrateOperation):
-    """Autogenerate's directive: make an existing table a task table."""
+class _QueueSchemaOp(MigrateOperation):
+    """A table, its schema and the naming convention of its CHECK constraints."""
 
     def __init__(
         self, table_name: str, schema: str | None, naming_convention: Mapping[str, str] | None
@@ -95,26 +95,23 @@ class AdoptTableOp(MigrateOperation):
         self.table_name = table_name
         self.schema = schema
         self.naming_convention = naming_convention
+
+
+class AdoptTableOp(_QueueSchemaOp):
+    """Autogenerate's directive: make an existing table a task table."""
 
     def reverse(self) -> DropQueueSchemaOp:
         return DropQueueSchemaOp(self.table_name, self.schema, self.naming_convention)
 
 
-class DropQueueSchemaOp(MigrateOperation):
+class DropQueueSchemaOp(_QueueSchemaOp):
     """Its reverse: take alchq's columns, indexes and constraints off the table."""
-
-    def __init__(
-        self, table_name: str, schema: str | None, naming_convention: Mapping[str, str] | None
-    ) -> None:
-        self.table_name = table_name
-        self.schema = schema
-        self.naming_convention = naming_convention
 
     def reverse(self) -> AdoptTableOp:
         return AdoptTableOp(self.table_name, self.schema, self.naming_convention)
 
 
-def _call(name: str, operation: AdoptTableOp | DropQueueSchemaOp) -> str:
+def _call(name: str, operation: _QueueSchemaOp) -> str:
     args = [repr(operation.table_name)]
     if operation.schema is not None:
         args.append(f"schema={operation.schema!r}")

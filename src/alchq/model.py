@@ -142,10 +142,17 @@ def _insert_values(
         (column,) = prop.columns
         row[column.key] = getattr(task, attr) if attr == "run_at" else value
     row["status"] = Status.PENDING
-    on = mapper.polymorphic_on
-    if on is not None and mapper.polymorphic_identity is not None and isinstance(on, Column):
-        row.setdefault(on.key, mapper.polymorphic_identity)
+    for key, value in _discriminator(mapper).items():
+        row.setdefault(key, value)
     return row
+
+
+def _discriminator(mapper: Mapper[Any]) -> dict[str, Any]:
+    """The polymorphic discriminator's value for rows inserted without the ORM."""
+    on = mapper.polymorphic_on
+    if isinstance(on, Column) and mapper.polymorphic_identity is not None:
+        return {str(on.key): mapper.polymorphic_identity}
+    return {}
 
 
 def _foreign_key_values(
@@ -428,10 +435,7 @@ class BaseQueue:
             for key, prop in mapper.column_attrs.items()
             if len(prop.columns) == 1 and prop.columns[0].table is table
         }
-        fixed: dict[str, Any] = {"status": Status.PENDING}
-        on = mapper.polymorphic_on
-        if isinstance(on, Column) and mapper.polymorphic_identity is not None:
-            fixed[str(on.key)] = mapper.polymorphic_identity
+        fixed: dict[str, Any] = {"status": Status.PENDING, **_discriminator(mapper)}
         now: datetime | None = None
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for row in rows:
