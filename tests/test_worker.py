@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 from flask import Flask, has_app_context
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Engine, func, insert, inspect, select
+from sqlalchemy import Engine, event, func, insert, inspect, select
 from sqlalchemy.orm import Session, object_session, scoped_session, sessionmaker
 
 import alchq
@@ -349,6 +349,30 @@ def test_worker_stop_during_a_task_finishes_that_task_only(tables: Engine) -> No
     call.join(10)
     assert status_of(tables, WkGate, first) == Status.PROCESSED
     assert status_of(tables, WkGate, second) == Status.PENDING
+
+
+def test_a_claim_handed_back_unrun_at_stop_is_not_counted(tables: Engine) -> None:
+    # stop() lands between the claim's statement and its commit: the worker hands
+    # the task back without running it, and alchq_attempts must not count that claim
+    # (a later worker's run is the task's first).
+    [tid] = add(tables, WkPlain())
+    w = Worker(WkPlain, engine=tables, poll_interval=0.05)
+
+    def stop_at_the_claim(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "UPDATE wk_plain" in statement and "alchq_lease_until" in statement:
+            w.stop()
+
+    event.listen(tables, "after_cursor_execute", stop_at_the_claim)
+    try:
+        w.run()
+    finally:
+        event.remove(tables, "after_cursor_execute", stop_at_the_claim)
+    stored = row(tables, WkPlain, tid)
+    assert stored.status == Status.PENDING
+    assert stored.alchq_worker is None
+    assert stored.alchq_attempts == 0
+    task = processed_one(WkPlain, engine=tables)
+    assert (task.id, task.alchq_attempts, task.note) == (tid, 1, "ran")
 
 
 def test_system_exit_from_run_ends_the_task_and_the_worker_carries_on(tables: Engine) -> None:

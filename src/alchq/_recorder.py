@@ -45,7 +45,7 @@ from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
 from alchq._outcome import CONFLICT_RETRY, Kind, Outcome, Ran, failed, lost_connection
 from alchq._sessions import SessionSource
-from alchq._transitions import released
+from alchq._transitions import released, unclaimed
 from alchq._util import first_line
 from alchq.config import Settings
 from alchq.exceptions import TaskFailure, TaskTimeoutError
@@ -318,11 +318,15 @@ class Recorder:
             )
         self.paused[held.model] = time.monotonic() + MISMATCH_PAUSE
 
-    def release(self, session: Session, held: Held) -> bool:
-        """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
+    def release(self, session: Session, held: Held, *, started: bool = True) -> bool:
+        """Put the task in hand back to PENDING (shutdown), if the claim is still ours.
+
+        ``started=False``: claimed but never run, so the claim is not counted either.
+        """
         try:
             conn = self.binds.connection(session, held.model, bookkeeping=True)
-            ok = _write(conn, held, released())
+            values = released() if started else unclaimed(held.table)
+            ok = _write(conn, held, values)
             session.commit()
         except DBAPIError as exc:
             with contextlib.suppress(Exception):

@@ -59,6 +59,13 @@ def released() -> dict[str, Any]:
     }
 
 
+def unclaimed(table: Table) -> dict[str, Any]:
+    """Column values that hand back a claim whose task never started: PENDING, and the
+    claim is not counted in ``alchq_attempts`` (the fence still saw the bumped value)."""
+    attempts = table.c.alchq_attempts
+    return {**released(), "alchq_attempts": case((attempts > 0, attempts - 1), else_=0)}
+
+
 def still_ours(table: Table, worker_id: str, token: int) -> ColumnElement[bool]:
     """The fence of every write that ends or renews a claim: PROCESSING, our owner, our token."""
     c = table.c

@@ -251,7 +251,8 @@ class BaseQueue:
         optional; at most one PENDING or PROCESSING task of the model has a
         given key (see :meth:`enqueue`).
     ``alchq_attempts``
-        how many times the task has been claimed (runs, including snoozed ones).
+        how many times the task has been claimed (runs, including snoozed ones;
+        a claim handed back unrun at shutdown is not counted).
     ``alchq_failures``
         how many runs failed (raised); with a retry policy, compared to its attempts.
     ``alchq_worker``

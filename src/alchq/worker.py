@@ -345,7 +345,8 @@ class Worker:
             if self.stopping:
                 # Claimed as the worker was told to stop: not run, back at once.
                 for claim in claims:
-                    self._recorder.release(session, self._held(session, model, claim))
+                    held = self._held(session, model, claim)
+                    self._recorder.release(session, held, started=False)
                 return False, None
             task = self._execute(session, model, claims[0])
             return True, task
