@@ -87,13 +87,14 @@ class Recorder:
         self.monitor = monitor
         self.settings = settings
         self._aborted = aborted
-        self.deferred: Deferred | None = None
+        #: Outcomes waiting for the database, oldest first.
+        self.deferred: list[Deferred] = []
         #: Models whose table does not match their code: not claimed until then.
         self.paused: dict[type[BaseQueue], float] = {}
 
     def holds(self, held: Held) -> bool:
         """Is ``held``'s outcome still waiting for the database (so its claim must be kept)?"""
-        return self.deferred is not None and self.deferred.held is held
+        return any(d.held is held for d in self.deferred)
 
     def claimable(self, model: type[BaseQueue]) -> bool:
         """May the worker claim tasks of ``model`` now?"""
@@ -115,7 +116,7 @@ class Recorder:
                     held.label,
                     first_line(outcome.exc),
                 )
-            self.deferred = Deferred(held, None)
+            self.deferred.append(Deferred(held, None))
         elif outcome.kind is Kind.RELEASE:
             self.release(session, held)
         elif outcome.kind is Kind.MISMATCH:
@@ -260,7 +261,7 @@ class Recorder:
                 outcome.status.value,
                 first_line(exc),
             )
-            self.deferred = Deferred(held, outcome, outcome.had_writes)
+            self.deferred.append(Deferred(held, outcome, outcome.had_writes))
             return
         if outcome.kind is Kind.PROCESSED and dialect.is_conflict(exc):
             # run()'s transaction lost to a concurrent one at its very end.
@@ -506,10 +507,10 @@ class Recorder:
     # -- the database was away: outcomes written later ---------------------------------
 
     def settle_deferred(self) -> None:
-        """Write the outcome the database was away for, waiting for it to come back."""
+        """Write the outcomes the database was away for, waiting for it to come back."""
         outage = Outage(self.settings.max_backoff)
-        while self.deferred is not None:
-            deferred = self.deferred
+        while self.deferred:
+            deferred = self.deferred[0]
             try:
                 self._settle(deferred)
             except DBAPIError as exc:
@@ -518,14 +519,15 @@ class Recorder:
                 if self._aborted():
                     logger.warning(
                         "%s: giving up on the database; its lease will put it back",
-                        deferred.held.label,
+                        ", ".join(d.held.label for d in self.deferred),
                     )
-                    self.deferred = None
-                    self.monitor.drop(deferred.held)
+                    for left in self.deferred:
+                        self.monitor.drop(left.held)
+                    self.deferred = []
                     return
                 time.sleep(outage.failed(exc))
                 continue
-            self.deferred = None
+            self.deferred.pop(0)
             self.monitor.drop(deferred.held)
             if outage.over():
                 logger.info("database is back")
