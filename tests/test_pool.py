@@ -22,6 +22,7 @@ from sqlalchemy import Engine, create_engine, func, insert, select
 
 from alchq import Status, metadata
 from alchq._pool import QUICK_DEATH
+from alchq.worker import MAX_BATCH
 from tests.conftest import ROOT, alchq_command, worker_env
 from tests.fault_tasks import fault_task
 from tests.flask_app import URL_VARIABLE, FlaskTask
@@ -271,7 +272,9 @@ def test_pool_drains_2000_tasks_exactly_once_and_replaces_a_killed_child(
         reclaimed = conn.execute(
             select(func.count()).select_from(count_table).where(count_table.c.alchq_attempts > 1)
         ).scalar_one()
-    assert reclaimed <= 1  # only the claim the victim held
+    # Only the claims the victim held: its task in hand, or the batch it had claimed
+    # (whose effects died with it: each counted once above).
+    assert reclaimed <= MAX_BATCH
 
 
 def test_children_stop_when_the_supervisor_is_killed(

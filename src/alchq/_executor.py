@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
+from collections.abc import Callable
 
 from sqlalchemy import inspect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from alchq import _text
 from alchq._binds import Binds
@@ -39,12 +40,22 @@ logger = logging.getLogger("alchq.worker")
 class Executor:
     """Runs tasks in the sessions it is given."""
 
-    def __init__(self, binds: Binds, settings: Settings) -> None:
+    def __init__(
+        self, binds: Binds, settings: Settings, commit_early: Callable[[Held, str], None]
+    ) -> None:
         self.binds = binds
         self.settings = settings
+        #: The recorder's: commit the batch now; the model's tasks no longer share
+        #: transactions (held, why).
+        self.commit_early = commit_early
 
-    def run(self, session: Session, held: Held) -> Ran:
-        """Load and run ``held``'s task; say how it ended."""
+    def run(self, session: Session, held: Held, *, batched: bool = False) -> Ran:
+        """Load and run ``held``'s task; say how it ended.
+
+        ``batched``: other tasks' outcomes are pending in ``session``'s transaction.
+        run() then runs inside a SAVEPOINT of its own (sent only if it issues SQL),
+        and only that is rolled back when the task fails.
+        """
         model, claim = held.model, held.claim
         logger.info(
             "%s started (attempt %d)",
@@ -59,8 +70,11 @@ class Executor:
         try:
             task = session.get(model, held.key, populate_existing=True)
         except Exception as exc:  # a row whose columns cannot be loaded
-            with contextlib.suppress(Exception):
-                session.rollback()
+            if not batched or isinstance(exc, DBAPIError):
+                # (In a batch, a value Python could not convert leaves the
+                # transaction as it was; an error from the database does not.)
+                with contextlib.suppress(Exception):
+                    session.rollback()
             return Ran(self._unloadable(held, exc), None, session)
         if task is None:
             return Ran(Outcome(Kind.GONE), None, session)
@@ -74,13 +88,21 @@ class Executor:
         raised: BaseException | None = None
         tb: str | None = None
         changed: list[str] = []
+        root = session.get_transaction()
+        savepoint = session.begin_nested() if batched else None
+        ended = dropped = False
         with RunWatch(session, held.engine, dbapi, held.dialect.backend_id) as watch:
+            if batched:
+                watch.before_write_elsewhere = lambda: self._before_write_elsewhere(
+                    session, held, watch
+                )
             try:
                 try:
                     held.watch, held.in_run = watch, True
                     task.run()
                 finally:
                     held.in_run, held.watch = False, None
+                    ended = batched and not _same_transaction(self._current(session), session, root)
                 session = self._current(session)
                 changed = owned_changes(task, session)
                 if not changed:
@@ -100,17 +122,32 @@ class Executor:
                     # unknown. Dropped, not reset (its reset would fail, noisily).
                     with contextlib.suppress(Exception):
                         self.binds.connection(session, model).invalidate()
-        with contextlib.suppress(Exception):
-            if raised is not None or changed:
-                session.rollback()
+                    dropped = True  # and with it any batch's transaction
+        if raised is not None or changed:
+            if ended or dropped or not batched:
+                with contextlib.suppress(Exception):
+                    session.rollback()
+            else:
+                _undo(session, savepoint)
         if raised is not None:
-            return Ran(self._after_raise(held, raised, tb, watch), task, session)
+            outcome = self._after_raise(held, raised, tb, watch)
+            return Ran(outcome, task, session, ended_transaction=ended)
         if changed:
             bad = TaskFailure(
                 f"run() changed {', '.join(changed)}: alchq's own columns are alchq's "
                 "(its other changes were rolled back)"
             )
-            return Ran(Outcome(Kind.ERROR, bad, None), task, session)
+            return Ran(Outcome(Kind.ERROR, bad, None), task, session, ended_transaction=ended)
+        if savepoint is not None and not ended:
+            if not savepoint.is_active:
+                # A failed flush rolled back to the SAVEPOINT and run() went on.
+                bad = TaskFailure(
+                    "run() returned, but a database error had rolled back its writes "
+                    "(it caught the error and went on); nothing it wrote was saved"
+                )
+                return Ran(Outcome(Kind.ERROR, bad, None), task, session)
+            had_writes = bool(watch.statements)
+            return Ran(Outcome(Kind.PROCESSED, had_writes=had_writes), task, session, savepoint)
         if task not in session:
             logger.warning(
                 "%s: run() closed its session or removed the task from it%s",
@@ -120,8 +157,20 @@ class Executor:
                 else "",
             )
         if watch.statements:
-            return Ran(Outcome(Kind.PROCESSED, had_writes=True), task, session)
-        return Ran(PROCESSED, task, session)
+            return Ran(
+                Outcome(Kind.PROCESSED, had_writes=True), task, session, ended_transaction=ended
+            )
+        return Ran(PROCESSED, task, session, ended_transaction=ended)
+
+    def _before_write_elsewhere(self, session: Session, held: Held, watch: RunWatch) -> None:
+        """run() is about to write through a connection of its own, which may wait for
+        the batch's uncommitted outcomes (on SQLite always: one writer; elsewhere
+        when it writes a row an earlier task of the batch wrote). If run() has not
+        written through its session yet, they are committed now (its SAVEPOINT was
+        never sent), and the model's tasks get a transaction each from now on."""
+        if watch.writes:
+            return  # it waits for its own writes: the self-wait check says so
+        self.commit_early(held, "run() writes through a connection of its own")
 
     def _current(self, session: Session) -> Session:
         """The task's session now: run() may have removed Flask-SQLAlchemy's and used a new one."""
@@ -162,6 +211,21 @@ class Executor:
         if watch.owns(exc) and held.dialect.is_transient(exc):
             return Outcome(Kind.RELEASE, exc, away=True)  # e.g. a read-only window
         return failed(held, exc, tb)
+
+
+def _same_transaction(now: Session, session: Session, root: SessionTransaction | None) -> bool:
+    """Is ``session``'s transaction still the one the run began in (run() did not end it)?"""
+    return now is session and root is not None and session.get_transaction() is root
+
+
+def _undo(session: Session, savepoint: SessionTransaction | None) -> None:
+    """Roll back a batched task's writes: its SAVEPOINT, if a failed flush has not already."""
+    if savepoint is not None and savepoint.is_active:
+        try:
+            savepoint.rollback()
+        except Exception:  # the connection is gone, and the batch's transaction with it
+            with contextlib.suppress(Exception):
+                session.rollback()
 
 
 def interruption(exc: BaseException) -> BaseException | None:

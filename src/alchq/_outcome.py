@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from alchq import _text
 from alchq._dialects import utc_now
@@ -117,6 +117,11 @@ class Ran:
     outcome: Outcome
     task: BaseQueue | None
     session: Session
+    #: In a batch: the task's SAVEPOINT, still open on a PROCESSED outcome (its
+    #: outcome is written inside it, the batch commits them together).
+    savepoint: SessionTransaction | None = None
+    #: In a batch: run() itself committed, rolled back or closed the session.
+    ended_transaction: bool = False
 
 
 PROCESSED = Outcome(Kind.PROCESSED)

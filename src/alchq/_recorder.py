@@ -33,14 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, select, update
+from sqlalchemy import ColumnElement, Connection, Table, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq import _text
 from alchq._binds import Binds, Outage
-from alchq._dialects import utc_now
+from alchq._dialects import FinishPlan, utc_now
 from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
 from alchq._outcome import CONFLICT_RETRY, Kind, Outcome, Ran, failed, lost_connection
@@ -70,6 +70,20 @@ class Deferred:
     #: The database was up when the run's transaction was lost: if its writes
     #: are gone, that counts as a lost claim.
     lost: bool = False
+    #: What the log line says when the lost commit turns out to have landed.
+    landed: str | None = "recorded once the database was back"
+
+
+@dataclass
+class Pending:
+    """A batched task's outcome: written in the batch's transaction, not yet committed."""
+
+    held: Held
+    outcome: Outcome
+    task: BaseQueue | None
+    values: dict[str, Any]
+    #: run() deleted its own row: done, nothing else to record.
+    deleted: bool = False
 
 
 class Recorder:
@@ -91,6 +105,14 @@ class Recorder:
         self.deferred: list[Deferred] = []
         #: Models whose table does not match their code: not claimed until then.
         self.paused: dict[type[BaseQueue], float] = {}
+        #: Models whose run() commits or rolls back itself: never batched.
+        self.solo: set[type[BaseQueue]] = set()
+        #: Outcomes written in the batch's transaction, committed together.
+        self._batch: list[Pending] = []
+        self._batch_session: Session | None = None
+        self._batch_root: SessionTransaction | None = None
+        #: The batched PROCESSED write of each task table, built once.
+        self._processed_plans: dict[Table, FinishPlan] = {}
 
     def holds(self, held: Held) -> bool:
         """Is ``held``'s outcome still waiting for the database (so its claim must be kept)?"""
@@ -104,7 +126,17 @@ class Recorder:
     # -- outcomes ---------------------------------------------------------------------
 
     def record(self, ran: Ran, held: Held) -> None:
-        """Persist how ``held``'s run ended (its writes are pending in ``ran.session``)."""
+        """Persist how ``held``'s run ended (its writes are pending in ``ran.session``).
+
+        A batched PROCESSED outcome (``ran.savepoint``) is written in the batch's
+        transaction and committed by :meth:`commit_batch`; any other outcome
+        first commits the batch, then gets a transaction of its own.
+        """
+        if ran.ended_transaction:
+            self._go_solo(held, "run() committed or rolled back the session itself")
+        if ran.savepoint is not None and self._add_to_batch(ran, ran.savepoint, held):
+            return
+        self.commit_batch()
         outcome, session = ran.outcome, ran.session
         if outcome.kind is Kind.GONE:
             session.rollback()
@@ -203,13 +235,26 @@ class Recorder:
         held: Held,
         outcome: Outcome,
         task: BaseQueue | None,
+        savepoint: SessionTransaction | None = None,
     ) -> None:
-        """The fenced write matched no row: taken over, deleted by run(), or changed by run()."""
+        """The fenced write matched no row: taken over, deleted by run(), or changed by run().
+
+        ``savepoint``: a batched task's, holding run()'s writes (the batch's
+        transaction holds other tasks' outcomes).
+        """
         here = conn.execute(_bookkeeping(held)).one_or_none()
         with self.binds.connect(held.engine) as fresh:
             there = fresh.execute(_bookkeeping(held)).one_or_none()
+
+        def undo() -> None:
+            if savepoint is None:
+                session.rollback()
+            else:
+                savepoint.rollback()
+                self.commit_batch()
+
         if there is None or not _ours(there, held):
-            session.rollback()
+            undo()
             logger.warning(
                 "%s: this worker no longer holds the claim; its outcome (%s) was discarded",
                 held.label,
@@ -218,10 +263,14 @@ class Recorder:
             return
         if here is None:
             # run() deleted its own row in its transaction: that is its way of saying done.
+            if savepoint is not None:
+                savepoint.commit()
+                self._batch.append(Pending(held, outcome, task, {}, deleted=True))
+                return
             session.commit()
             logger.info("%s deleted its own row in run(): done", held.label)
             return
-        session.rollback()
+        undo()
         changed = [
             name
             for name in ("status", "alchq_worker", "alchq_attempts", "alchq_failures")
@@ -232,6 +281,130 @@ class Recorder:
             "(its other changes were rolled back)"
         )
         self._finish(session, held, Outcome(Kind.ERROR, bad, None), task, last_try=True)
+
+    # -- batches: several tasks' outcomes, one commit ----------------------------------
+
+    def _add_to_batch(self, ran: Ran, savepoint: SessionTransaction, held: Held) -> bool:
+        """Write a batched PROCESSED outcome in the batch's transaction.
+
+        run()'s writes and the outcome stay inside the task's SAVEPOINT until
+        the write is known to be accepted, so a refusal or a failure undoes
+        this task only. A run that wrote nothing needs no SAVEPOINT: none was
+        sent, and the outcome is written beside it.
+        """
+        session, outcome, task = ran.session, ran.outcome, ran.task
+        if self._batch and not (
+            session is self._batch_session and session.get_transaction() is self._batch_root
+        ):
+            self.commit_batch()
+        if not self._batch:
+            self._batch_session, self._batch_root = session, session.get_transaction()
+        values = self._values(held, outcome, owes_error=False)
+        write = self._processed_plans.get(held.table)
+        if write is None:
+            write = self._processed_plans[held.table] = held.dialect.finish_plan(
+                held.table, values, _FENCE
+            )
+        fenced = {
+            "status": Status.PROCESSING,
+            "alchq_worker": held.worker_id,
+            "alchq_attempts": held.claim.token,
+            "alchq_failures": held.failures,
+            "alchq_lost_claims": held.lost_claims,
+        }
+        try:
+            if not outcome.had_writes:
+                savepoint.commit()  # sends nothing: run() issued no SQL
+                conn = self.binds.connection(session, held.model)
+                if not write(conn, held.claim, fenced):
+                    # Nothing of run()'s to lose: found out the usual way, on its own.
+                    self.commit_batch()
+                    self._finish(session, held, outcome, task)
+                    return True
+            else:
+                conn = self.binds.connection(session, held.model)
+                if not write(conn, held.claim, fenced):
+                    self._refused(session, conn, held, outcome, task, savepoint)
+                    return True
+                savepoint.commit()
+        except DBAPIError as exc:
+            if savepoint.is_active:
+                with contextlib.suppress(Exception):
+                    savepoint.rollback()
+            self.commit_batch()
+            with contextlib.suppress(Exception):
+                session.rollback()
+            self._write_failed(session, held, outcome, task, exc, last_try=False)
+            return True
+        self._batch.append(Pending(held, outcome, task, values))
+        return True
+
+    def _go_solo(self, held: Held, why: str) -> None:
+        if held.model not in self.solo:
+            self.solo.add(held.model)
+            logger.info(
+                "%s: %s; %s tasks now get a transaction each",
+                held.label,
+                why,
+                held.model.__name__,
+            )
+
+    def commit_early(self, held: Held, why: str) -> None:
+        """Commit the batch while ``held`` runs (it has written nothing yet); never
+        batch its model again."""
+        self._go_solo(held, why)
+        self.commit_batch()
+
+    def commit_batch(self) -> None:
+        """Commit the outcomes written in the batch's transaction, then log them.
+
+        When that transaction ended first (a connection lost, a task's run()
+        that rolled back or committed itself) or its commit failed, each task
+        is settled from what its row says: done if the commit landed, else
+        put back to PENDING with none of its writes (it runs again).
+        """
+        if not self._batch:
+            return
+        pending, session, root = self._batch, self._batch_session, self._batch_root
+        self._batch, self._batch_session, self._batch_root = [], None, None
+        assert session is not None and root is not None
+        failure: str | None = None
+        if session.get_transaction() is not root or not root.is_active:
+            failure = "its transaction ended before its commit"
+        else:
+            try:
+                session.commit()
+            except DBAPIError as exc:
+                with contextlib.suppress(Exception):
+                    session.rollback()
+                failure = f"its commit failed ({first_line(exc)})"
+        if failure is None:
+            for p in pending:
+                if p.deleted:
+                    logger.info("%s deleted its own row in run(): done", p.held.label)
+                else:
+                    self._committed(session, p.held, p.outcome, p.task, p.values)
+            return
+        held = pending[0].held
+        reachable = self.binds.reachable(held.engine)
+        logger.warning(
+            "a batch of %d %s tasks: %s; each is settled from its row",
+            len(pending),
+            held.model.__name__,
+            failure,
+        )
+        for p in pending:
+            had_writes = p.outcome.had_writes or p.deleted
+            # A run whose writes are gone counts as a lost claim (bounded), even when
+            # another task's run lost them: every extra start is accounted for.
+            deferred = Deferred(p.held, p.outcome, had_writes, lost=reachable, landed=None)
+            if reachable:
+                try:
+                    self._settle(deferred)
+                    continue
+                except DBAPIError:
+                    pass
+            self.deferred.append(deferred)
 
     def _write_failed(
         self,
@@ -319,15 +492,11 @@ class Recorder:
             )
         self.paused[held.model] = time.monotonic() + MISMATCH_PAUSE
 
-    def release(self, session: Session, held: Held, *, started: bool = True) -> bool:
-        """Put the task in hand back to PENDING (shutdown), if the claim is still ours.
-
-        ``started=False``: claimed but never run, so the claim is not counted either.
-        """
+    def release(self, session: Session, held: Held) -> bool:
+        """Put the task in hand back to PENDING (shutdown), if the claim is still ours."""
         try:
             conn = self.binds.connection(session, held.model, bookkeeping=True)
-            values = released() if started else unclaimed(held.table)
-            ok = _write(conn, held, values)
+            ok = _write(conn, held, released())
             session.commit()
         except DBAPIError as exc:
             with contextlib.suppress(Exception):
@@ -339,6 +508,26 @@ class Recorder:
         if ok:
             logger.info("%s released: back to PENDING", held.label)
         return ok
+
+    def hand_back(self, session: Session, helds: list[Held]) -> None:
+        """Put claimed tasks that never started back to PENDING, uncounted, in one commit."""
+        if not helds:
+            return
+        try:
+            conn = self.binds.connection(session, helds[0].model, bookkeeping=True)
+            back = sum(_write(conn, held, unclaimed(held.table)) for held in helds)
+            session.commit()
+        except DBAPIError as exc:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            logger.warning(
+                "could not hand back %d claimed %s tasks (%s); their leases will",
+                len(helds),
+                helds[0].model.__name__,
+                first_line(exc),
+            )
+            return
+        logger.debug("handed back %d claimed %s tasks, unstarted", back, helds[0].model.__name__)
 
     # -- error() --------------------------------------------------------------------------
 
@@ -576,7 +765,7 @@ class Recorder:
                 conn.commit()
                 call_error = written.kind is Kind.ERROR
         if outcome is not None:
-            detail = None if deferred.lost else "recorded once the database was back"
+            detail = None if deferred.lost else deferred.landed
             log_end(held, outcome.status, detail or outcome.describe())
             if call_error and outcome.exc is not None:
                 self.call_error(held, outcome.exc)
@@ -645,6 +834,11 @@ def _clear_error_lease(held: Held) -> Any:
         )
         .values(alchq_lease_until=None)
     )
+
+
+#: The columns a batched PROCESSED write is fenced by: the claim's (see
+#: ``still_ours``) and the counters run() must have left alone (``_untouched``).
+_FENCE = ("status", "alchq_worker", "alchq_attempts", "alchq_failures", "alchq_lost_claims")
 
 
 def _write(

@@ -88,6 +88,9 @@ class RunWatch:
         self.committed = False
         #: Uncommitted statements were thrown away by a rollback or close.
         self.discarded = 0
+        #: Called once, before run()'s first write through another connection to
+        #: the task's database (a batch commits its outcomes then).
+        self.before_write_elsewhere: Callable[[], None] | None = None
         #: Errors that lost a connection to the task's database.
         self.disconnects: list[BaseException] = []
         #: Database errors raised on connections to the task's database, newest last.
@@ -155,8 +158,12 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if writes(statement):
             watch.writes += 1
     elif _same_database(conn.engine, watch):
+        writing = writes(statement)
+        if writing and watch.before_write_elsewhere is not None:
+            hook, watch.before_write_elsewhere = watch.before_write_elsewhere, None
+            hook()
         watch.waiting[id(cursor)] = Waiting(
-            time.monotonic(), conn.engine, watch.backend_id(dbapi), writes(statement)
+            time.monotonic(), conn.engine, watch.backend_id(dbapi), writing
         )
 
 

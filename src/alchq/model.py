@@ -287,6 +287,11 @@ class BaseQueue:
     #: time, apart from run()'s). Override per model.
     alchq_error_time_limit: ClassVar[float] = 60.0
 
+    #: Most tasks of this model a worker claims at once and commits together
+    #: when the queue is busy and its tasks are short (each task still commits
+    #: or rolls back on its own; see the README's "Batches"). 1: never batched.
+    alchq_batch: ClassVar[int] = 50
+
     #: Built-in retries: an :class:`alchq.Retry`, or None (the seed's behaviour:
     #: ERROR at the first failure).
     alchq_retry: ClassVar[Retry | None] = None
@@ -749,6 +754,12 @@ def check_task_model(model: object) -> type[BaseQueue]:
             raise TaskDefinitionError(
                 f"{model.__name__}.{attr} must be a number of seconds more than 0, got {seconds!r}"
             )
+    batch = model.alchq_batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise TaskDefinitionError(
+            f"{model.__name__}.alchq_batch must be a whole number of tasks, 1 or more, "
+            f"got {batch!r}"
+        )
     if model.alchq_retry is not None and not isinstance(model.alchq_retry, Retry):
         raise TaskDefinitionError(
             f"{model.__name__}.alchq_retry must be an alchq.Retry or None, "

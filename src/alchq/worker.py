@@ -70,6 +70,14 @@ __all__ = [
 
 logger = logging.getLogger("alchq.worker")
 
+#: A batch claims as many tasks as recent run times say finish within this
+#: (seconds); a claimed task not started by then is handed back.
+BATCH_SPAN = 0.1
+#: The most tasks one claim takes, whatever a model's ``alchq_batch`` says:
+#: below PostgreSQL's 64 cached subtransactions per transaction (one SAVEPOINT
+#: per writing task), past which every snapshot in the database gets slower.
+MAX_BATCH = 50
+
 
 class Worker:
     """Processes tasks of one or more models.
@@ -137,7 +145,9 @@ class Worker:
             self._monitor, self._recorder, self.settings, self.app_context, self._waiter.wake
         )
         self._claimer = Claimer(self.id, self._binds, self.settings)
-        self._executor = Executor(self._binds, self.settings)
+        #: Each model's recent time per task (seconds, a moving average).
+        self._run_time: dict[type[BaseQueue], float] = {}
+        self._executor = Executor(self._binds, self.settings, self._recorder.commit_early)
         self._rescuer = Rescuer(
             self.id,
             self._binds,
@@ -197,8 +207,8 @@ class Worker:
             for model in self.models:
                 if not self._recorder.claimable(model):
                     continue
-                claimed, task = self._process(model, keep=True)
-                if claimed:
+                ran, task = self._process(model, keep=True)
+                if ran:
                     return task
             return None
 
@@ -237,9 +247,10 @@ class Worker:
                             break
                         if not self._recorder.claimable(model):
                             continue
-                        claimed, _task = self._process(model, keep=False)
-                        if claimed:
-                            done += 1
+                        room = None if limit is None else limit - done
+                        ran, _task = self._process(model, keep=False, room=room)
+                        if ran:
+                            done += ran
                             progressed = True
                     outage.over()
                 except (DatabaseError, DBAPIError) as exc:
@@ -334,32 +345,69 @@ class Worker:
 
     # -- one task: claim -> run -> record ---------------------------------------------
 
-    def _process(self, model: type[BaseQueue], keep: bool) -> tuple[bool, BaseQueue | None]:
-        """Claim and run one task of ``model``: (whether one was claimed, the task)."""
+    def _process(
+        self, model: type[BaseQueue], keep: bool, room: int | None = 1
+    ) -> tuple[int, BaseQueue | None]:
+        """Claim and run a batch of ``model``'s tasks (one when ``keep``): (how many ran,
+        the last task).
+
+        The batch is as large as the model's recent run times fit in
+        :data:`BATCH_SPAN` (one until they are known), at most ``room`` and its
+        ``alchq_batch``. Its PROCESSED outcomes share one commit; a claimed task
+        not started within the span, or when the worker is told to stop, is
+        handed back unrun at once, so prefetching never keeps tasks from other
+        workers for long.
+        """
         session = self.source.open()
         task: BaseQueue | None = None
+        unrun: list[Claim] = []
+        ran = 0
         try:
-            claims = self._claimer.claim(session, model, limit=1)
-            if not claims:
-                return False, None
-            if self.stopping:
-                # Claimed as the worker was told to stop: not run, back at once.
-                for claim in claims:
-                    held = self._held(session, model, claim)
-                    self._recorder.release(session, held, started=False)
-                return False, None
-            task = self._execute(session, model, claims[0])
-            return True, task
+            limit = 1 if keep else self._batch_size(model, room)
+            claims = self._claimer.claim(session, model, limit=limit)
+            unrun = list(claims)
+            batched = len(claims) > 1
+            began = time.monotonic()
+            while unrun and not self.stopping:
+                if ran and (time.monotonic() - began > BATCH_SPAN or model in self._recorder.solo):
+                    break
+                claim = unrun.pop(0)
+                started = time.monotonic()
+                task = self._execute(session, model, claim, batched=batched)
+                ran += 1
+                self._learn(model, time.monotonic() - started)
+            return ran, task
         except BaseException:
+            self._recorder.commit_batch()
             with contextlib.suppress(Exception):
                 session.rollback()
             raise
         finally:
+            self._recorder.commit_batch()
+            # Claimed but not started (a stop, the span): back at once, uncounted.
+            self._recorder.hand_back(session, [self._held(session, model, c) for c in unrun])
             if not keep:
                 with contextlib.suppress(Exception):
                     self.source.release(session)
             elif self.source.scoped is None:
                 _detach(session, task)
+
+    def _batch_size(self, model: type[BaseQueue], room: int | None) -> int:
+        """How many of ``model``'s tasks to claim at once (see :meth:`_process`)."""
+        most = min(int(model.alchq_batch), MAX_BATCH)
+        per_task = self._run_time.get(model)
+        if most <= 1 or per_task is None or model in self._recorder.solo:
+            return 1
+        size = max(1, min(most, int(BATCH_SPAN / max(per_task, 1e-6))))
+        if room is not None:
+            size = max(1, min(size, room))
+        # A few sizes only: each has its claim statement, built once.
+        return size if size == most or size == room else 1 << (size.bit_length() - 1)
+
+    def _learn(self, model: type[BaseQueue], seconds: float) -> None:
+        """Keep a moving average of ``model``'s time per task (run and record)."""
+        before = self._run_time.get(model)
+        self._run_time[model] = seconds if before is None else 0.8 * before + 0.2 * seconds
 
     def _held(self, session: Session, model: type[BaseQueue], claim: Claim) -> Held:
         engine = self._binds.engine(session, model)
@@ -373,12 +421,14 @@ class Worker:
             time_limit=float(model.alchq_time_limit),
         )
 
-    def _execute(self, session: Session, model: type[BaseQueue], claim: Claim) -> BaseQueue | None:
+    def _execute(
+        self, session: Session, model: type[BaseQueue], claim: Claim, *, batched: bool = False
+    ) -> BaseQueue | None:
         held = self._held(session, model, claim)
         self._monitor.hold(held)
         self._registry.in_hand = 1
         try:
-            ran = self._executor.run(session, held)
+            ran = self._executor.run(session, held, batched=batched)
             self._recorder.record(ran, held)
         finally:
             if not self._recorder.holds(held):

@@ -219,6 +219,37 @@ def test_finish_of_a_composite_key(db: tuple[Engine, Dialect]) -> None:
     assert rows[first.pk[1]] == Status.ERROR and list(rows.values()).count(Status.PROCESSING) == 1
 
 
+def test_a_finish_plan_is_built_once_and_fenced_by_its_parameters(
+    db: tuple[Engine, Dialect],
+) -> None:
+    engine, dialect = db
+    add(engine, {"id": 1}, {"id": 2})
+    first, second = claim(dialect, engine, limit=2, worker="me")
+    done = {"status": Status.PROCESSED, "alchq_finished_at": utc_now()}
+    write = dialect.finish_plan(TABLE, done, ("status", "alchq_worker", "alchq_attempts"))
+
+    def fence(worker: str, token: int) -> dict[str, Any]:
+        return {"status": Status.PROCESSING, "alchq_worker": worker, "alchq_attempts": token}
+
+    with engine.begin() as conn:
+        assert not write(conn, first, fence("other", first.token))
+        assert not write(conn, first, fence("me", first.token + 1))
+        assert write(conn, first, fence("me", first.token))
+        assert not write(conn, first, fence("me", first.token))  # no longer PROCESSING
+        assert write(conn, second, fence("me", second.token))  # the same plan, another row
+    assert statuses(engine) == {1: "PROCESSED", 2: "PROCESSED"}
+
+
+def test_claims_come_back_in_claim_order(db: tuple[Engine, Dialect]) -> None:
+    engine, dialect = db
+    add(engine, *({"id": i, "priority": (i * 7) % 5} for i in range(1, 41)))
+    claims = claim(dialect, engine, limit=40)
+    with engine.connect() as conn:
+        priority = dict(conn.execute(select(TABLE.c.id, TABLE.c.priority)).all())
+    order = [(priority[c.pk[0]], c.pk[0]) for c in claims]
+    assert order == sorted(order)
+
+
 # -- delete in batches ----------------------------------------------------------------
 
 

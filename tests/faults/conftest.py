@@ -345,7 +345,8 @@ def check_invariants(
       times the scenario allows a worker to put the task back itself.
 
     Tasks of action ``quiet`` write nothing to the database: their starts are
-    read from ``quiet_dir``, and their outcome is their status alone. Those of
+    read from ``quiet_dir``, and their outcome is their status alone; those of
+    action ``filed`` log their starts there too, and write their effect. Those of
     action ``noop`` leave no trace but their row; ``own_connection`` ones only
     their starts.
     """
@@ -361,7 +362,7 @@ def check_invariants(
     done = queue.per_task(fault_done)
     problems: list[str] = []
     for task_id, row in rows.items():
-        if row.action == "quiet":
+        if row.action in ("quiet", "filed"):
             assert quiet_dir is not None, "quiet tasks: pass quiet_dir"
             path = quiet_dir / f"{task_id}.starts"
             starts[task_id] = len(path.read_text().split()) if path.exists() else 0

@@ -21,12 +21,13 @@ from sqlalchemy import (
     event,
     select,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.types import DateTime
+from sqlalchemy.types import DateTime, NullType
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Connection, Table
@@ -146,6 +147,18 @@ class Claim:
 
 #: A claim built once: call it with a connection (see :meth:`Dialect.claim_plan`).
 ClaimPlan = Callable[["Connection"], list[Claim]]
+#: An outcome's write built once (see :meth:`Dialect.finish_plan`).
+FinishPlan = Callable[["Connection", Claim, dict[str, Any]], bool]
+
+
+def _sort_key(start: int) -> Callable[[Any], list[tuple[bool, str, Any]]]:
+    """Sorts rows by their values from ``start`` on: NULLs last, and values of
+    different types (SQLite's dynamic typing) apart rather than compared."""
+
+    def key(row: Any) -> list[tuple[bool, str, Any]]:
+        return [(v is None, type(v).__name__, v) for v in row[start:]]
+
+    return key
 
 
 class Dialect:
@@ -300,17 +313,24 @@ class Dialect:
             # inlining it back (the prefix renders only on PostgreSQL).
             picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
             # (a, b) IN (SELECT a, b ...): one column per key part, not one tuple.
+            # RETURNING comes in no particular order: the sort keys come back too,
+            # as the driver gives them (a value the column's type could not read,
+            # which SQLite allows, must not fail the claim: its task ends in ERROR).
+            n = len(pk_cols)
+            raw = [type_coerce(col, NullType()) for col in order_by]
             stmt = (
                 update(table)
                 .where(key.in_(select(*picked.c)))
                 .where(ready)
                 .values(values)
-                .returning(*pk_cols, token)
+                .returning(*pk_cols, token, *raw)
             )
 
             def returning(conn: Connection) -> list[Claim]:
-                rows = conn.execute(stmt).all()
-                return [Claim(tuple(row[:-1]), int(row[-1])) for row in rows]
+                rows = list(conn.execute(stmt).all())
+                if len(rows) > 1:
+                    rows.sort(key=_sort_key(n + 1))
+                return [Claim(tuple(row[:n]), int(row[n])) for row in rows]
 
             return returning
 
@@ -323,7 +343,8 @@ class Dialect:
             match = key.in_([p if len(p) > 1 else p[0] for p in pks])
             conn.execute(update(table).where(match).where(ready).values(values))
             sel = table.select().with_only_columns(*pk_cols, token).where(match)
-            return [Claim(tuple(row[:-1]), int(row[-1])) for row in conn.execute(sel).all()]
+            tokens = {tuple(row[:-1]): int(row[-1]) for row in conn.execute(sel).all()}
+            return [Claim(p, tokens[p]) for p in pks if p in tokens]  # in the pick's order
 
         return in_two_steps
 
@@ -348,6 +369,25 @@ class Dialect:
             .values(values)
         )
         return conn.execute(stmt).rowcount == 1
+
+    def finish_plan(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> FinishPlan:
+        """:meth:`finish`'s statement for fixed ``values``, built once: call the result
+        with a connection, the claim, and the values the ``fence`` columns must have.
+        True if the row was written."""
+        pk_cols = list(table.primary_key.columns)
+        stmt = (
+            update(table)
+            .where(*(col == bindparam(f"alchq_pk{i}") for i, col in enumerate(pk_cols)))
+            .where(*(table.c[name] == bindparam(f"alchq_fence_{name}") for name in fence))
+            .values(values)
+        )
+
+        def write(conn: Connection, claim: Claim, fenced: dict[str, Any]) -> bool:
+            params = {f"alchq_pk{i}": v for i, v in enumerate(claim.pk)}
+            params.update({f"alchq_fence_{name}": fenced[name] for name in fence})
+            return conn.execute(stmt, params).rowcount == 1
+
+        return write
 
     def insert_unless_conflict(
         self,

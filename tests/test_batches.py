@@ -1,0 +1,187 @@
+"""Batches: a busy queue's short tasks share commits, each keeping its own atomicity.
+
+Every test checks the effect of each run (a ``batch_done`` row written in
+run()'s transaction) exists exactly when its task is PROCESSED, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, insert, select
+from sqlalchemy.orm import Session
+
+from alchq import Status, worker
+from alchq.worker import Worker
+from tests.models_batch import (
+    STARTS,
+    BatchTask,
+    SoloTask,
+    batch_done,
+    batch_error,
+    batch_metadata,
+)
+
+
+@pytest.fixture
+def eng(engine: Engine) -> Iterator[Engine]:
+    batch_metadata.create_all(engine)
+    yield engine
+
+
+def _add(engine: Engine, model: Any, actions: list[str], **values: Any) -> list[int]:
+    with Session(engine) as session:
+        session.execute(insert(model), [{"action": a, **values} for a in actions])
+        session.commit()
+        return list(session.scalars(select(model.id).order_by(model.id)))
+
+
+def _commits(engine: Engine) -> list[int]:
+    """A list that grows by one at every COMMIT on ``engine``."""
+    seen: list[int] = []
+    event.listen(engine, "commit", lambda conn: seen.append(1))
+    return seen
+
+
+def _state(engine: Engine, model: Any) -> dict[int, Any]:
+    with engine.connect() as conn:
+        return {
+            r.id: r
+            for r in conn.execute(
+                select(model.id, model.status, model.alchq_attempts, model.alchq_lost_claims)
+            )
+        }
+
+
+def _effects(engine: Engine, table: Any = batch_done) -> Counter[int]:
+    with engine.connect() as conn:
+        return Counter(conn.scalars(select(table.c.task_id)))
+
+
+def _check_effects(engine: Engine, model: Any) -> dict[int, Any]:
+    """Each task's effect exists exactly when it is PROCESSED, once."""
+    state, done = _state(engine, model), _effects(engine)
+    wrong = [
+        (i, r.status, done[i])
+        for i, r in state.items()
+        if done[i] != (1 if r.status == Status.PROCESSED else 0)
+    ]
+    assert not wrong, f"(id, status, effects): {wrong[:10]}"
+    return state
+
+
+def test_a_busy_queue_shares_commits(eng: Engine) -> None:
+    ids = _add(eng, BatchTask, ["ok"] * 300)
+    commits = _commits(eng)
+    assert worker.process_all(BatchTask, engine=eng) == 300
+    state = _check_effects(eng, BatchTask)
+    assert {r.status for r in state.values()} == {Status.PROCESSED}
+    assert {r.alchq_attempts for r in state.values()} == {1}
+    assert sorted(state) == ids
+    # One claim and one outcome commit per task would be 600.
+    assert len(commits) <= 300 // 4, len(commits)
+
+
+def test_alchq_batch_1_gives_each_task_its_transactions(eng: Engine) -> None:
+    _add(eng, SoloTask, ["ok"] * 40)
+    commits = _commits(eng)
+    assert worker.process_all(SoloTask, engine=eng) == 40
+    _check_effects(eng, SoloTask)
+    assert len(commits) >= 2 * 40
+
+
+def test_a_quiet_queue_commits_each_task_at_once(eng: Engine) -> None:
+    # Known-short tasks, then one at a time: each is committed before the next exists.
+    _add(eng, BatchTask, ["ok"] * 50)
+    w = Worker(BatchTask, engine=eng)
+    assert w.process_all() == 50
+    for _ in range(3):
+        [tid] = _add(eng, BatchTask, ["ok"])[-1:]
+        assert w.process_all() == 1
+        assert _state(eng, BatchTask)[tid].status == Status.PROCESSED
+    _check_effects(eng, BatchTask)
+
+
+def test_process_n_takes_no_more_than_n(eng: Engine) -> None:
+    _add(eng, BatchTask, ["ok"] * 60)
+    w = Worker(BatchTask, engine=eng)
+    assert w.process_n(30) == 30  # batches learnt on the way
+    assert w.process_n(7) == 7
+    state = _check_effects(eng, BatchTask)
+    statuses = Counter(r.status for r in state.values())
+    assert statuses == {Status.PROCESSED: 37, Status.PENDING: 23}
+    # The rest were never claimed, or handed back unrun: not counted.
+    assert {r.alchq_attempts for r in state.values() if r.status == Status.PENDING} == {0}
+
+
+def test_a_failing_task_rolls_back_only_its_own_writes(eng: Engine) -> None:
+    actions = ["raise" if i % 5 == 3 else "ok" for i in range(200)]
+    ids = _add(eng, BatchTask, actions)
+    commits = _commits(eng)
+    assert worker.process_all(BatchTask, engine=eng) == 200
+    state = _check_effects(eng, BatchTask)
+    failing = {i for i, a in zip(ids, actions, strict=True) if a == "raise"}
+    assert {i for i, r in state.items() if r.status == Status.ERROR} == failing
+    assert {i for i, r in state.items() if r.status == Status.PROCESSED} == set(ids) - failing
+    assert _effects(eng, batch_error) == Counter(dict.fromkeys(failing, 1))  # error() once
+    assert len(commits) < 2 * 200  # the others still shared theirs
+
+
+def test_a_run_that_commits_itself_loses_no_other_outcome(
+    eng: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    actions = ["ok"] * 80 + ["commit"] + ["ok"] * 80
+    _add(eng, BatchTask, actions)
+    with caplog.at_level(logging.INFO, logger="alchq.worker"):
+        assert worker.process_all(BatchTask, engine=eng) == len(actions)
+    state = _check_effects(eng, BatchTask)
+    assert {r.status for r in state.values()} == {Status.PROCESSED}
+    assert {r.alchq_attempts for r in state.values()} == {1}
+    assert "run() committed or rolled back the session itself" in caplog.text
+
+
+def test_a_run_that_rolls_back_itself_loses_no_other_outcome(eng: Engine) -> None:
+    actions = ["ok"] * 80 + ["rollback"] + ["ok"] * 80
+    ids = _add(eng, BatchTask, actions)
+    runs = worker.process_all(BatchTask, engine=eng)
+    state = _check_effects(eng, BatchTask)
+    assert {r.status for r in state.values()} == {Status.PROCESSED}
+    assert runs == sum(r.alchq_attempts for r in state.values())
+    # Tasks whose outcomes its rollback took with it ran again, counted as lost claims.
+    again = [i for i in ids if state[i].alchq_attempts > 1]
+    assert all(state[i].alchq_lost_claims == state[i].alchq_attempts - 1 for i in again)
+
+
+def test_a_task_over_its_time_limit_inside_a_batch(eng: Engine) -> None:
+    actions = ["ok"] * 60 + ["sleep"] + ["ok"] * 20
+    ids = _add(eng, BatchTask, actions, sleep="30")
+    assert worker.process_all(BatchTask, engine=eng) >= len(actions)
+    state = _check_effects(eng, BatchTask)
+    slow = ids[60]
+    assert state[slow].status == Status.ERROR
+    with eng.connect() as conn:
+        error_type = conn.scalar(select(BatchTask.alchq_error_type).where(BatchTask.id == slow))
+    assert error_type == "alchq.exceptions.TaskTimeoutError"
+    assert {r.status for i, r in state.items() if i != slow} == {Status.PROCESSED}
+
+
+def test_most_urgent_first_across_batches(eng: Engine) -> None:
+    with Session(eng) as session:
+        session.execute(
+            insert(BatchTask),
+            [{"action": "ok", "priority": (i * 7) % 5} for i in range(150)],
+        )
+        session.commit()
+        priority: dict[int, int] = dict(
+            session.execute(select(BatchTask.id, BatchTask.priority)).all()
+        )
+    STARTS.clear()
+    commits = _commits(eng)
+    assert worker.process_all(BatchTask, engine=eng) == 150
+    assert len(commits) < 150  # batched
+    ran = [priority[i] for i in STARTS]
+    assert ran == sorted(ran)
