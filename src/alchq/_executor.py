@@ -20,8 +20,9 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -32,7 +33,7 @@ from alchq._outcome import PROCESSED, Kind, Outcome, Ran, failed, lost_connectio
 from alchq._tracking import RunWatch
 from alchq.config import Settings
 from alchq.exceptions import TaskFailure, TaskTimeoutError
-from alchq.model import MAX_COUNTER, BaseQueue
+from alchq.model import MAX_COUNTER, BaseQueue, task_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -49,12 +50,39 @@ class Executor:
         #: transactions (held, why).
         self.commit_early = commit_early
 
-    def run(self, session: Session, held: Held, *, batched: bool = False) -> Ran:
+    def preload(
+        self, session: Session, model: type[BaseQueue], helds: list[Held]
+    ) -> dict[Any, BaseQueue]:
+        """Load a batch's tasks in one SELECT, by key; {} if any of them cannot be
+        loaded (each is then loaded, and fails, on its own)."""
+        table = task_table(model)
+        pk_cols = list(table.primary_key.columns)
+        if len(pk_cols) != 1 or len(helds) < 2:
+            return {}
+        try:
+            stmt = select(model).where(pk_cols[0].in_([h.claim.pk[0] for h in helds]))
+            tasks = session.scalars(stmt, execution_options={"populate_existing": True}).all()
+        except Exception:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            return {}
+        mapper = inspect(model)
+        return {mapper.primary_key_from_instance(t)[0]: t for t in tasks}
+
+    def run(
+        self,
+        session: Session,
+        held: Held,
+        *,
+        batched: bool = False,
+        loaded: BaseQueue | None = None,
+    ) -> Ran:
         """Load and run ``held``'s task; say how it ended.
 
         ``batched``: other tasks' outcomes are pending in ``session``'s transaction.
         run() then runs inside a SAVEPOINT of its own (sent only if it issues SQL),
-        and only that is rolled back when the task fails.
+        and only that is rolled back when the task fails. ``loaded``: the task,
+        loaded with its batch in this transaction (see :meth:`preload`).
         """
         model, claim = held.model, held.claim
         logger.info(
@@ -68,7 +96,10 @@ class Executor:
             },
         )
         try:
-            task = session.get(model, held.key, populate_existing=True)
+            if loaded is not None and loaded in session and not inspect(loaded).expired:
+                task: BaseQueue | None = loaded
+            else:
+                task = session.get(model, held.key, populate_existing=True)
         except Exception as exc:  # a row whose columns cannot be loaded
             if not batched or isinstance(exc, DBAPIError):
                 # (In a batch, a value Python could not convert leaves the
@@ -245,6 +276,8 @@ def owned_changes(task: BaseQueue, session: Session) -> list[str]:
     if task not in session:
         return []
     state = inspect(task)
+    if not state.modified:
+        return []  # nothing changed at all (the common case): no per-column look
     return [
         attr.key
         for attr in state.attrs

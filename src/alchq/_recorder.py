@@ -111,8 +111,8 @@ class Recorder:
         self._batch: list[Pending] = []
         self._batch_session: Session | None = None
         self._batch_root: SessionTransaction | None = None
-        #: The batched PROCESSED write of each task table, built once.
-        self._processed_plans: dict[Table, FinishPlan] = {}
+        #: The batched PROCESSED write of each task table and its values, built once.
+        self._processed_plans: dict[Table, tuple[FinishPlan, dict[str, Any]]] = {}
 
     def holds(self, held: Held) -> bool:
         """Is ``held``'s outcome still waiting for the database (so its claim must be kept)?"""
@@ -299,12 +299,16 @@ class Recorder:
             self.commit_batch()
         if not self._batch:
             self._batch_session, self._batch_root = session, session.get_transaction()
-        values = self._values(held, outcome, owes_error=False)
-        write = self._processed_plans.get(held.table)
-        if write is None:
-            write = self._processed_plans[held.table] = held.dialect.finish_plan(
-                held.table, values, _FENCE
+        # A PROCESSED outcome's values are the same for every task of a table: its
+        # statement (and the values the task object is told of) are built once.
+        plan = self._processed_plans.get(held.table)
+        if plan is None:
+            values = self._values(held, outcome, owes_error=False)
+            plan = self._processed_plans[held.table] = (
+                held.dialect.finish_plan(held.table, values, _FENCE),
+                values,
             )
+        write, values = plan
         fenced = {
             "status": Status.PROCESSING,
             "alchq_worker": held.worker_id,

@@ -368,12 +368,19 @@ class Worker:
             unrun = list(claims)
             batched = len(claims) > 1
             began = time.monotonic()
+            loaded: dict[Any, BaseQueue] = {}
+            if batched:
+                loaded = self._executor.preload(
+                    session, model, [self._held(session, model, c) for c in claims]
+                )
             while unrun and not self.stopping:
                 if ran and (time.monotonic() - began > BATCH_SPAN or model in self._recorder.solo):
                     break
                 claim = unrun.pop(0)
                 started = time.monotonic()
-                task = self._execute(session, model, claim, batched=batched)
+                task = self._execute(
+                    session, model, claim, batched=batched, loaded=loaded.pop(claim.pk[0], None)
+                )
                 ran += 1
                 self._learn(model, time.monotonic() - started)
             return ran, task
@@ -422,13 +429,19 @@ class Worker:
         )
 
     def _execute(
-        self, session: Session, model: type[BaseQueue], claim: Claim, *, batched: bool = False
+        self,
+        session: Session,
+        model: type[BaseQueue],
+        claim: Claim,
+        *,
+        batched: bool = False,
+        loaded: BaseQueue | None = None,
     ) -> BaseQueue | None:
         held = self._held(session, model, claim)
         self._monitor.hold(held)
         self._registry.in_hand = 1
         try:
-            ran = self._executor.run(session, held, batched=batched)
+            ran = self._executor.run(session, held, batched=batched, loaded=loaded)
             self._recorder.record(ran, held)
         finally:
             if not self._recorder.holds(held):
