@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-slow lint typecheck bench clean
+.PHONY: demo test test-slow lint typecheck bench bench-large clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +47,12 @@ test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) alchq-demo.sqlite* .mypy_cache .ruff_cache .pytest_cache .periodic-test.log
+	rm -rf $(VENV) alchq-demo.sqlite* .mypy_cache .ruff_cache .pytest_cache .periodic-test.log bench.json
 
+# One table (also written to bench.json): enqueue, latency, drains against the
+# bare driver's ceilings, memory. bench-large: 10,000,000 finished rows.
 bench: $(VENV)/.test
-	$(BIN)/python -m benchmarks.throughput
-	$(BIN)/python -m benchmarks.latency
-	$(BIN)/python -m benchmarks.enqueue
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+bench-large: $(VENV)/.test
+	$(BIN)/python -m benchmarks --finished 10000000 $(BENCH_ARGS)

@@ -231,6 +231,56 @@ def alchq_drain(
     return {"rate": n / seconds, "peak_rss_mb": peak / 1024}
 
 
+def memory(url: str, n: int, log_dir: str) -> dict[str, Any]:
+    """One worker process over ``n`` no-op tasks: its resident memory after a tenth of
+    them and at the end (flat means no growth per task)."""
+    engine = create_engine(url)
+    fill(engine, DrainTask, n)
+    table = _table(DrainTask)
+    env = dict(os.environ, PYTHONPATH=ROOT, ALCHQ_DATABASE_URL=url)
+    with open(os.path.join(log_dir, "memory.log"), "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alchq.cli", "run", "benchmarks.drain:DrainTask", "--burst"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    early = late = 0
+    try:
+        while proc.poll() is None:
+            with engine.connect() as conn:
+                done = conn.scalar(
+                    select(func.count())
+                    .select_from(table)
+                    .where(table.c.status == Status.PROCESSED)
+                )
+            rss = _rss_kb(proc.pid)
+            if rss and done and done >= n // 10 and not early:
+                early = rss
+            if rss:
+                late = rss
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    engine.dispose()
+    assert proc.returncode == 0, f"the worker exited {proc.returncode} (log in {log_dir})"
+    return {"rss_early_mb": early / 1024, "rss_end_mb": late / 1024, "tasks": n}
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def measure(name: str, url: str, n: int, finished: int) -> list[dict[str, Any]]:
     """Every drain figure of one database, with its ratios to the two ceilings."""
     engine = create_engine(url)
