@@ -42,6 +42,8 @@ def _session(task: Any) -> Session:
 
 #: Ids of the runs started in this process, in order (the tests run workers in-process).
 STARTS: list[int] = []
+#: Called by run() of action ``stolen`` with the task's id (set by a test).
+STEAL: list[Any] = []
 
 
 class _Actions:
@@ -55,6 +57,9 @@ class _Actions:
         STARTS.append(self.id)
         session = _session(self)
         if self.action == "noop":
+            return
+        if self.action == "stolen":
+            STEAL[0](self.id)  # someone else takes the row over meanwhile
             return
         if self.action == "sleep":
             time.sleep(float(self.sleep or 0))

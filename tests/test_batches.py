@@ -7,18 +7,20 @@ run()'s transaction) exists exactly when its task is PROCESSED, once.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, insert, select
+from sqlalchemy import Engine, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from alchq import Status, worker
 from alchq.worker import Worker
 from tests.models_batch import (
     STARTS,
+    STEAL,
     BatchTask,
     SoloTask,
     batch_done,
@@ -185,3 +187,36 @@ def test_most_urgent_first_across_batches(eng: Engine) -> None:
     assert len(commits) < 150  # batched
     ran = [priority[i] for i in STARTS]
     assert ran == sorted(ran)
+
+
+def test_an_outcome_refused_in_a_batch_is_discarded_and_the_rest_commit(
+    eng: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The row of one task of a batch is taken over while it runs (another thread,
+    # as an operator or a rescuer would): its outcome must not overwrite the row.
+    actions = ["noop"] * 60 + ["stolen"] + ["noop"] * 20
+    ids = _add(eng, BatchTask, actions)
+    stolen = ids[60]
+
+    def steal(task_id: int) -> None:
+        def take() -> None:
+            with eng.begin() as conn:
+                conn.execute(
+                    update(BatchTask).where(BatchTask.id == task_id).values(alchq_worker="thief")
+                )
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+
+    STEAL[:] = [steal]
+    with caplog.at_level(logging.WARNING, logger="alchq.worker"):
+        assert worker.process_all(BatchTask, engine=eng) == len(actions)
+    state = _state(eng, BatchTask)
+    assert state[stolen].status == Status.PROCESSING
+    with eng.connect() as conn:
+        owner = conn.scalar(select(BatchTask.alchq_worker).where(BatchTask.id == stolen))
+    assert owner == "thief"
+    assert {r.status for i, r in state.items() if i != stolen} == {Status.PROCESSED}
+    assert f"BatchTask {stolen}: this worker no longer holds the claim" in caplog.text

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, select, update
+from sqlalchemy import ColumnElement, Connection, Table, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
@@ -84,6 +84,9 @@ class Pending:
     values: dict[str, Any]
     #: run() deleted its own row: done, nothing else to record.
     deleted: bool = False
+    #: A run that wrote nothing: its outcome is written with the batch's others, in
+    #: one statement just before the commit, fenced by these values.
+    fenced: dict[str, Any] | None = None
 
 
 class Recorder:
@@ -290,7 +293,8 @@ class Recorder:
         run()'s writes and the outcome stay inside the task's SAVEPOINT until
         the write is known to be accepted, so a refusal or a failure undoes
         this task only. A run that wrote nothing needs no SAVEPOINT: none was
-        sent, and the outcome is written beside it.
+        sent, and its outcome is written with the other such ones of the batch
+        in one statement before the commit.
         """
         session, outcome, task = ran.session, ran.outcome, ran.task
         if self._batch and not (
@@ -319,12 +323,8 @@ class Recorder:
         try:
             if not outcome.had_writes:
                 savepoint.commit()  # sends nothing: run() issued no SQL
-                conn = self.binds.connection(session, held.model)
-                if not write(conn, held.claim, fenced):
-                    # Nothing of run()'s to lose: found out the usual way, on its own.
-                    self.commit_batch()
-                    self._finish(session, held, outcome, task)
-                    return True
+                self._batch.append(Pending(held, outcome, task, values, fenced=fenced))
+                return True
             else:
                 conn = self.binds.connection(session, held.model)
                 if not write(conn, held.claim, fenced):
@@ -342,6 +342,48 @@ class Recorder:
             return True
         self._batch.append(Pending(held, outcome, task, values))
         return True
+
+    def _write_unwritten(self, session: Session, pending: list[Pending]) -> list[Pending]:
+        """Write the outcomes of the batch's runs that wrote nothing, in one statement
+        per table; those whose fence refused them (their claim lost, or run() changed
+        their row's counters)."""
+        refused: list[Pending] = []
+        by_table: dict[Table, list[Pending]] = {}
+        for p in pending:
+            if p.fenced is not None:
+                by_table.setdefault(p.held.table, []).append(p)
+        for table, rows in by_table.items():
+            write = self._processed_plans[table][0]
+            conn = self.binds.connection(session, rows[0].held.model)
+            written = write.many(conn, [(p.held.claim, p.fenced or {}) for p in rows])
+            if written == len(rows):
+                continue
+            if written is None:  # the driver cannot count an executemany: one by one
+                refused += [p for p in rows if not write(conn, p.held.claim, p.fenced or {})]
+                continue
+            # Which ones: written rows are PROCESSED, ours, with our token.
+            c = table.c
+            key = table.primary_key.columns
+            found = conn.execute(
+                select(*key, c.status, c.alchq_worker, c.alchq_attempts).where(
+                    tuple_(*key).in_([p.held.claim.pk for p in rows])
+                    if len(key) > 1
+                    else list(key)[0].in_([p.held.claim.pk[0] for p in rows])
+                )
+            ).all()
+            n = len(key)
+            ours = {
+                tuple(r[:n])
+                for r in found
+                if r[n] == Status.PROCESSED and r[n + 1] == rows[0].held.worker_id
+            }
+            tokens = {tuple(r[:n]): r[n + 2] for r in found}
+            refused += [
+                p
+                for p in rows
+                if p.held.claim.pk not in ours or tokens.get(p.held.claim.pk) != p.held.claim.token
+            ]
+        return refused
 
     def _go_solo(self, held: Held, why: str) -> None:
         if held.model not in self.solo:
@@ -373,10 +415,12 @@ class Recorder:
         self._batch, self._batch_session, self._batch_root = [], None, None
         assert session is not None and root is not None
         failure: str | None = None
+        refused: list[Pending] = []
         if session.get_transaction() is not root or not root.is_active:
             failure = "its transaction ended before its commit"
         else:
             try:
+                refused = self._write_unwritten(session, pending)
                 session.commit()
             except DBAPIError as exc:
                 with contextlib.suppress(Exception):
@@ -386,8 +430,11 @@ class Recorder:
             for p in pending:
                 if p.deleted:
                     logger.info("%s deleted its own row in run(): done", p.held.label)
-                else:
+                elif not any(p is r for r in refused):
                     self._committed(session, p.held, p.outcome, p.task, p.values)
+            for p in refused:
+                # Nothing of run()'s to lose: found out the usual way, on its own.
+                self._finish(session, p.held, p.outcome, p.task)
             return
         held = pending[0].held
         reachable = self.binds.reachable(held.engine)

@@ -147,8 +147,42 @@ class Claim:
 
 #: A claim built once: call it with a connection (see :meth:`Dialect.claim_plan`).
 ClaimPlan = Callable[["Connection"], list[Claim]]
-#: An outcome's write built once (see :meth:`Dialect.finish_plan`).
-FinishPlan = Callable[["Connection", Claim, dict[str, Any]], bool]
+
+
+class FinishPlan:
+    """An outcome's write for fixed values, built once (see :meth:`Dialect.finish_plan`)."""
+
+    def __init__(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> None:
+        self._pk = len(table.primary_key.columns)
+        self._fence = list(fence)
+        self._stmt = (
+            update(table)
+            .where(
+                *(
+                    col == bindparam(f"alchq_pk{i}")
+                    for i, col in enumerate(table.primary_key.columns)
+                )
+            )
+            .where(*(table.c[name] == bindparam(f"alchq_fence_{name}") for name in fence))
+            .values(values)
+        )
+
+    def _params(self, claim: Claim, fenced: dict[str, Any]) -> dict[str, Any]:
+        params = {f"alchq_pk{i}": v for i, v in enumerate(claim.pk)}
+        params.update({f"alchq_fence_{name}": fenced[name] for name in self._fence})
+        return params
+
+    def __call__(self, conn: Connection, claim: Claim, fenced: dict[str, Any]) -> bool:
+        """Write one claim's row if its ``fence`` columns have the ``fenced`` values."""
+        return bool(conn.execute(self._stmt, self._params(claim, fenced)).rowcount == 1)
+
+    def many(self, conn: Connection, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> int | None:
+        """Write several rows in one executemany: how many were written, or None when
+        the driver cannot say (then nothing was sent)."""
+        if not conn.dialect.supports_sane_multi_rowcount:
+            return None
+        params = [self._params(claim, fenced) for claim, fenced in rows]
+        return int(conn.execute(self._stmt, params).rowcount)
 
 
 def _sort_key(start: int) -> Callable[[Any], list[tuple[bool, str, Any]]]:
@@ -372,22 +406,9 @@ class Dialect:
 
     def finish_plan(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> FinishPlan:
         """:meth:`finish`'s statement for fixed ``values``, built once: call the result
-        with a connection, the claim, and the values the ``fence`` columns must have.
-        True if the row was written."""
-        pk_cols = list(table.primary_key.columns)
-        stmt = (
-            update(table)
-            .where(*(col == bindparam(f"alchq_pk{i}") for i, col in enumerate(pk_cols)))
-            .where(*(table.c[name] == bindparam(f"alchq_fence_{name}") for name in fence))
-            .values(values)
-        )
-
-        def write(conn: Connection, claim: Claim, fenced: dict[str, Any]) -> bool:
-            params = {f"alchq_pk{i}": v for i, v in enumerate(claim.pk)}
-            params.update({f"alchq_fence_{name}": fenced[name] for name in fence})
-            return conn.execute(stmt, params).rowcount == 1
-
-        return write
+        with a connection, the claim, and the values the ``fence`` columns must have
+        (True if the row was written), or its ``many`` with several of them."""
+        return FinishPlan(table, values, fence)
 
     def insert_unless_conflict(
         self,
