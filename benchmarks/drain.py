@@ -140,12 +140,13 @@ def bare(url: str, table: str, per_trip: int) -> tuple[int, float]:
 # -- alchq: worker processes -------------------------------------------------------------
 
 
-def _peak_rss_kb(pid: int) -> int:
-    """The process's peak resident memory (Linux), 0 if it cannot be read."""
+def _memory_kb(pid: int, field: str = "VmHWM") -> int:
+    """A line of the process's /proc status (Linux), in kB: its peak resident memory by
+    default, ``VmRSS`` for now. 0 if it cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -191,18 +192,21 @@ def alchq_drain(
     try:
         deadline = time.monotonic() + max(120, n / 50)
         while True:
+            # Counted through the partial indexes of PENDING and PROCESSING rows: a
+            # scan of the finished rows would load the database the drain is timed on.
             with engine.connect() as conn:
-                left = conn.scalar(
-                    select(func.count()).select_from(table).where(c.status != Status.PROCESSED)
+                left = sum(
+                    conn.scalar(select(func.count()).select_from(table).where(c.status == s)) or 0
+                    for s in (Status.PENDING, Status.PROCESSING)
                 )
             pids = [p.pid for p in procs] + [k for p in procs for k in _children(p.pid)]
-            peak = max([peak] + [_peak_rss_kb(pid) for pid in pids])
+            peak = max([peak] + [_memory_kb(pid) for pid in pids])
             if not left:
                 break
             dead = [p.returncode for p in procs if p.poll() is not None]
             assert not dead, f"a worker exited: {dead} (logs in {log_dir})"
             assert time.monotonic() < deadline, f"{left} tasks left (logs in {log_dir})"
-            time.sleep(0.05)
+            time.sleep(0.25)  # the time is the database's: this only sees the end
     finally:
         for p in procs:
             if p.poll() is None:
@@ -255,7 +259,7 @@ def memory(url: str, n: int, log_dir: str) -> dict[str, Any]:
                     .select_from(table)
                     .where(table.c.status == Status.PROCESSED)
                 )
-            rss = _rss_kb(proc.pid)
+            rss = _memory_kb(proc.pid, "VmRSS")
             if rss and done and done >= n // 10 and not early:
                 early = rss
             if rss:
@@ -268,17 +272,6 @@ def memory(url: str, n: int, log_dir: str) -> dict[str, Any]:
     engine.dispose()
     assert proc.returncode == 0, f"the worker exited {proc.returncode} (log in {log_dir})"
     return {"rss_early_mb": early / 1024, "rss_end_mb": late / 1024, "tasks": n}
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def measure(name: str, url: str, n: int, finished: int) -> list[dict[str, Any]]:
