@@ -81,7 +81,6 @@ class Pending:
     held: Held
     outcome: Outcome
     task: BaseQueue | None
-    values: dict[str, Any]
     #: run() deleted its own row: done, nothing else to record.
     deleted: bool = False
     #: A run that wrote nothing: its outcome is written with the batch's others, in
@@ -114,8 +113,8 @@ class Recorder:
         self._batch: list[Pending] = []
         self._batch_session: Session | None = None
         self._batch_root: SessionTransaction | None = None
-        #: The batched PROCESSED write of each task table and its values, built once.
-        self._processed_plans: dict[Table, tuple[FinishPlan, dict[str, Any]]] = {}
+        #: The batched PROCESSED write of each task table, built once.
+        self._processed_plans: dict[Table, FinishPlan] = {}
 
     def holds(self, held: Held) -> bool:
         """Is ``held``'s outcome still waiting for the database (so its claim must be kept)?"""
@@ -268,7 +267,7 @@ class Recorder:
             # run() deleted its own row in its transaction: that is its way of saying done.
             if savepoint is not None:
                 savepoint.commit()
-                self._batch.append(Pending(held, outcome, task, {}, deleted=True))
+                self._batch.append(Pending(held, outcome, task, deleted=True))
                 return
             session.commit()
             logger.info("%s deleted its own row in run(): done", held.label)
@@ -304,15 +303,13 @@ class Recorder:
         if not self._batch:
             self._batch_session, self._batch_root = session, session.get_transaction()
         # A PROCESSED outcome's values are the same for every task of a table: its
-        # statement (and the values the task object is told of) are built once.
-        plan = self._processed_plans.get(held.table)
-        if plan is None:
+        # statement is built once.
+        write = self._processed_plans.get(held.table)
+        if write is None:
             values = self._values(held, outcome, owes_error=False)
-            plan = self._processed_plans[held.table] = (
-                held.dialect.finish_plan(held.table, values, _FENCE),
-                values,
+            write = self._processed_plans[held.table] = held.dialect.finish_plan(
+                held.table, values, _FENCE
             )
-        write, values = plan
         fenced = {
             "status": Status.PROCESSING,
             "alchq_worker": held.worker_id,
@@ -323,7 +320,7 @@ class Recorder:
         try:
             if not outcome.had_writes:
                 savepoint.commit()  # sends nothing: run() issued no SQL
-                self._batch.append(Pending(held, outcome, task, values, fenced=fenced))
+                self._batch.append(Pending(held, outcome, task, fenced=fenced))
                 return True
             else:
                 conn = self.binds.connection(session, held.model)
@@ -340,7 +337,7 @@ class Recorder:
                 session.rollback()
             self._write_failed(session, held, outcome, task, exc, last_try=False)
             return True
-        self._batch.append(Pending(held, outcome, task, values))
+        self._batch.append(Pending(held, outcome, task))
         return True
 
     def _write_unwritten(self, session: Session, pending: list[Pending]) -> list[Pending]:
@@ -353,7 +350,7 @@ class Recorder:
             if p.fenced is not None:
                 by_table.setdefault(p.held.table, []).append(p)
         for table, rows in by_table.items():
-            write = self._processed_plans[table][0]
+            write = self._processed_plans[table]
             conn = self.binds.connection(session, rows[0].held.model)
             written = write.many(conn, [(p.held.claim, p.fenced or {}) for p in rows])
             if written == len(rows):
@@ -431,7 +428,9 @@ class Recorder:
                 if p.deleted:
                     logger.info("%s deleted its own row in run(): done", p.held.label)
                 elif not any(p is r for r in refused):
-                    self._committed(session, p.held, p.outcome, p.task, p.values)
+                    # Only the log line: a batch's task objects are not handed to
+                    # anyone (process_one is never batched), so not refreshed.
+                    log_end(p.held, Status.PROCESSED, None)
             for p in refused:
                 # Nothing of run()'s to lose: found out the usual way, on its own.
                 self._finish(session, p.held, p.outcome, p.task)
