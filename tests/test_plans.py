@@ -15,6 +15,9 @@ from sqlalchemy import Engine, event, text
 
 import alchq
 from alchq import worker
+from alchq._dialects import dialect_for, utc_now
+from alchq._transitions import bump, claim_order, claim_values, ready
+from alchq.model import task_table
 from tests.tasks import CountTask
 
 TABLE = "count_task"
@@ -98,4 +101,31 @@ def test_prune_uses_indexes(pg: Engine) -> None:
         pg, lambda: alchq.prune(CountTask, engine=pg, processed="1h", error="1h", batch_size=100)
     )
     assert any("DELETE FROM" in sql.upper() for sql, _ in statements), statements
+    _no_seq_scan(_plans(pg, statements))
+
+
+def test_a_batch_of_outcomes_uses_indexes(pg: Engine) -> None:
+    table = task_table(CountTask)
+    dialect = dialect_for(pg)
+    with pg.begin() as conn:
+        claims = dialect.claim(
+            conn,
+            table,
+            ready(table),
+            claim_order(table),
+            claim_values("me", 60, alchq_attempts=bump(table.c.alchq_attempts)),
+            "alchq_attempts",
+            limit=5,
+        )
+    assert len(claims) == 5
+    write = dialect.finish_plan(
+        table, {"status": "PROCESSED", "alchq_finished_at": utc_now()}, ("alchq_attempts",)
+    )
+
+    def finish() -> None:
+        with pg.begin() as conn:
+            assert write.many(conn, [(c, {"alchq_attempts": c.token}) for c in claims]) == 5
+
+    statements = _statements(pg, finish)
+    assert len(statements) == 1, statements
     _no_seq_scan(_plans(pg, statements))

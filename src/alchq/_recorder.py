@@ -355,9 +355,6 @@ class Recorder:
             written = write.many(conn, [(p.held.claim, p.fenced or {}) for p in rows])
             if written == len(rows):
                 continue
-            if written is None:  # the driver cannot count an executemany: one by one
-                refused += [p for p in rows if not write(conn, p.held.claim, p.fenced or {})]
-                continue
             # Which ones: written rows are PROCESSED, ours, with our token.
             c = table.c
             key = table.primary_key.columns

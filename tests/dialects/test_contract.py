@@ -14,7 +14,18 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, Integer, String, create_engine, func, insert, select, text, update
+from sqlalchemy import (
+    Engine,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -238,6 +249,44 @@ def test_a_finish_plan_is_built_once_and_fenced_by_its_parameters(
         assert not write(conn, first, fence("me", first.token))  # no longer PROCESSING
         assert write(conn, second, fence("me", second.token))  # the same plan, another row
     assert statuses(engine) == {1: "PROCESSED", 2: "PROCESSED"}
+
+
+@pytest.mark.parametrize("table", [TABLE, PAIR], ids=["key", "composite key"])
+def test_a_finish_plan_writes_many_rows_in_one_statement_each_fenced_by_its_own_values(
+    db: tuple[Engine, Dialect], table: Any
+) -> None:
+    engine, dialect = db
+    if table is PAIR:
+        add(engine, *({"a": i, "b": "x"} for i in range(1, 6)), table=PAIR)
+    else:
+        add(engine, *({"id": i} for i in range(1, 6)))
+    claims = claim(dialect, engine, limit=5, table=table)
+    done = {"status": Status.PROCESSED, "alchq_finished_at": utc_now()}
+    write = dialect.finish_plan(table, done, ("status", "alchq_worker", "alchq_attempts"))
+
+    def fence(worker: str, token: int) -> dict[str, Any]:
+        return {"status": Status.PROCESSING, "alchq_worker": worker, "alchq_attempts": token}
+
+    rows = [(c, fence("w1", c.token)) for c in claims]
+    rows[1] = (claims[1], fence("other", claims[1].token))  # not ours
+    rows[3] = (claims[3], fence("w1", claims[3].token + 1))  # an older claim
+    sent: list[str] = []
+
+    def count(*args: Any) -> None:
+        sent.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with engine.begin() as conn:
+            assert write.many(conn, rows) == 3
+            assert write.many(conn, []) == 0
+            assert write.many(conn, rows) == 0  # no longer PROCESSING
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(sent) == 2
+    with engine.connect() as conn:
+        got = [r.status for r in conn.execute(select(table.c.status).order_by(*table.primary_key))]
+    assert got == ["PROCESSED", "PROCESSING", "PROCESSED", "PROCESSING", "PROCESSED"]
 
 
 def test_claims_come_back_in_claim_order(db: tuple[Engine, Dialect]) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.types import DateTime, NullType
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Connection, Table
-    from sqlalchemy.sql.dml import Insert
+    from sqlalchemy.sql.dml import Insert, Update
 
 
 class utc_now(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -153,19 +153,37 @@ class FinishPlan:
     """An outcome's write for fixed values, built once (see :meth:`Dialect.finish_plan`)."""
 
     def __init__(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> None:
-        self._pk = len(table.primary_key.columns)
+        pk_cols = list(table.primary_key.columns)
+        self._pk = len(pk_cols)
         self._fence = list(fence)
         self._stmt = (
             update(table)
-            .where(
-                *(
-                    col == bindparam(f"alchq_pk{i}")
-                    for i, col in enumerate(table.primary_key.columns)
-                )
-            )
+            .where(*(col == bindparam(f"alchq_pk{i}") for i, col in enumerate(pk_cols)))
             .where(*(table.c[name] == bindparam(f"alchq_fence_{name}") for name in fence))
             .values(values)
         )
+        self._many = self.many_statement(table, values, fence)
+
+    def many_statement(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> Update:
+        """:meth:`many`'s statement: each row's key and fence values as one tuple.
+
+        The key's own IN comes first so that the database finds the rows by the
+        primary key's index (a row-value IN alone may be a scan).
+        """
+        pk_cols = list(table.primary_key.columns)
+        key = tuple_(*pk_cols) if len(pk_cols) > 1 else pk_cols[0]
+        every = tuple_(*pk_cols, *(table.c[name] for name in fence))
+        return (
+            update(table)
+            .where(key.in_(bindparam("alchq_keys", expanding=True)))
+            .where(every.in_(bindparam("alchq_rows", expanding=True)))
+            .values(values)
+        )
+
+    def many_params(self, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> dict[str, Any]:
+        keys = [claim.pk if self._pk > 1 else claim.pk[0] for claim, _ in rows]
+        every = [(*claim.pk, *(fenced[name] for name in self._fence)) for claim, fenced in rows]
+        return {"alchq_keys": keys, "alchq_rows": every}
 
     def _params(self, claim: Claim, fenced: dict[str, Any]) -> dict[str, Any]:
         params = {f"alchq_pk{i}": v for i, v in enumerate(claim.pk)}
@@ -176,13 +194,12 @@ class FinishPlan:
         """Write one claim's row if its ``fence`` columns have the ``fenced`` values."""
         return bool(conn.execute(self._stmt, self._params(claim, fenced)).rowcount == 1)
 
-    def many(self, conn: Connection, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> int | None:
-        """Write several rows in one executemany: how many were written, or None when
-        the driver cannot say (then nothing was sent)."""
-        if not conn.dialect.supports_sane_multi_rowcount:
-            return None
-        params = [self._params(claim, fenced) for claim, fenced in rows]
-        return int(conn.execute(self._stmt, params).rowcount)
+    def many(self, conn: Connection, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> int:
+        """Write several rows, each fenced by its own values, in one statement: how
+        many were written."""
+        if not rows:
+            return 0
+        return int(conn.execute(self._many, self.many_params(rows)).rowcount)
 
 
 def _sort_key(start: int) -> Callable[[Any], list[tuple[bool, str, Any]]]:

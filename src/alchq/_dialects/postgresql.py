@@ -9,11 +9,13 @@ import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Connection, Engine, Table, bindparam, event, func, text, tuple_, update
+from sqlalchemy import select as select_rows
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.sql.dml import Update
 
-from alchq._dialects.base import Dialect, on_connect
+from alchq._dialects.base import Claim, Dialect, FinishPlan, on_connect
 
 logger = logging.getLogger("alchq.dialect")
 
@@ -109,6 +111,28 @@ def _autocommit(dbapi_connection: Any) -> None:
         dbapi_connection.autocommit = True
 
 
+class ArrayFinishPlan(FinishPlan):
+    """Several outcomes in one statement whose text does not depend on how many: each
+    column's values as one array (``= ANY`` and ``unnest``), so the statement is
+    prepared once and planned without a clause per row."""
+
+    def many_statement(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> Update:
+        cols = [*table.primary_key.columns, *(table.c[name] for name in fence)]
+        arrays = [bindparam(f"alchq_a{i}", type_=ARRAY(col.type)) for i, col in enumerate(cols)]
+        pk = list(table.primary_key.columns)
+        key = (
+            pk[0] == func.any(arrays[0])
+            if len(pk) == 1
+            else tuple_(*pk).in_(select_rows(*(func.unnest(a) for a in arrays[: len(pk)])))
+        )
+        every = tuple_(*cols).in_(select_rows(*(func.unnest(a) for a in arrays)))
+        return update(table).where(key).where(every).values(values)
+
+    def many_params(self, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> dict[str, Any]:
+        columns = [[*claim.pk, *(fenced[name] for name in self._fence)] for claim, fenced in rows]
+        return {f"alchq_a{i}": list(column) for i, column in enumerate(zip(*columns, strict=True))}
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     on_conflict_insert = staticmethod(insert)
@@ -128,6 +152,9 @@ class PostgreSQLDialect(Dialect):
             event.listen(engine, "handle_error", _read_only_is_a_disconnect)
         if not event.contains(engine, "do_connect", _connect_timeout):
             event.listen(engine, "do_connect", _connect_timeout)
+
+    def finish_plan(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> FinishPlan:
+        return ArrayFinishPlan(table, values, fence)
 
     def server_is_busy(self, exc: BaseException) -> bool:
         # Errors while connecting carry no SQLSTATE in psycopg: read the message.
