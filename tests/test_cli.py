@@ -194,8 +194,9 @@ def test_run_burst_processes_every_ready_task(engine: Engine, db_url: str) -> No
         failed = s.scalars(select(CountTask).where(CountTask.status == Status.ERROR)).one()
         assert failed.alchq_error_type == "RuntimeError"
         assert failed.alchq_error_message == "boom"
-    # INFO log lines on stderr, one per start and end of each task
-    assert proc.stderr.count("started (attempt 1)") == 6
+    # INFO log lines on stderr: one per end of each task, and one per start of a
+    # task that ran alone (the first one; the others may run as a batch)
+    assert 1 <= proc.stderr.count("started (attempt 1)") <= 6
     assert proc.stderr.count(" PROCESSED in ") == 5
     assert "RuntimeError: boom" in proc.stderr
 

@@ -85,16 +85,21 @@ class Executor:
         loaded with its batch in this transaction (see :meth:`preload`).
         """
         model, claim = held.model, held.claim
-        logger.info(
-            "%s started (attempt %d)",
-            held.label,
-            claim.token,
-            extra={
-                "alchq_model": model.__name__,
-                "alchq_task_id": claim.pk,
-                "alchq_attempt": claim.token,
-            },
-        )
+        # A batched task is short (it ends within the batch's span): its end line
+        # says all, and a second INFO line per task would cost more than the task.
+        level = logging.DEBUG if batched else logging.INFO
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "%s started (attempt %d)",
+                held.label,
+                claim.token,
+                extra={
+                    "alchq_model": model.__name__,
+                    "alchq_task_id": claim.pk,
+                    "alchq_attempt": claim.token,
+                },
+            )
         try:
             if loaded is not None and loaded in session and not inspect(loaded).expired:
                 task: BaseQueue | None = loaded
