@@ -289,6 +289,26 @@ def test_a_finish_plan_writes_many_rows_in_one_statement_each_fenced_by_its_own_
     assert got == ["PROCESSED", "PROCESSING", "PROCESSED", "PROCESSING", "PROCESSED"]
 
 
+def test_a_claim_is_undone_by_its_transactions_rollback(db: tuple[Engine, Dialect]) -> None:
+    """The claim belongs to the caller's transaction (sqlite3 begins none for a
+    statement that starts with WITH: such a claim would commit at once)."""
+    engine, dialect = db
+    add(engine, {"id": 1}, {"id": 2})
+    with engine.connect() as conn:
+        got = dialect.claim(
+            conn,
+            TABLE,
+            ready=ready(TABLE),
+            order_by=claim_order(TABLE),
+            values=claim_values("w1", 60, alchq_attempts=bump(TABLE.c.alchq_attempts)),
+            token_column="alchq_attempts",
+            limit=2,
+        )
+        assert len(got) == 2
+        conn.rollback()
+    assert statuses(engine) == {1: "PENDING", 2: "PENDING"}
+
+
 def test_claims_come_back_in_claim_order(db: tuple[Engine, Dialect]) -> None:
     engine, dialect = db
     add(engine, *({"id": i, "priority": (i * 7) % 5} for i in range(1, 41)))

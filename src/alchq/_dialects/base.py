@@ -362,7 +362,14 @@ class Dialect:
             # semi-join), and with SKIP LOCKED each re-run locks a *new* row:
             # one claim would then take several tasks. MATERIALIZED forbids
             # inlining it back (the prefix renders only on PostgreSQL).
-            picked = pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
+            # Without SKIP LOCKED (SQLite: one writer) a plain subquery: a statement
+            # that starts with WITH would not begin a transaction under sqlite3's
+            # implicit transactions, and could not be rolled back.
+            picked = (
+                pick.cte("alchq_pick").prefix_with("MATERIALIZED", dialect="postgresql")
+                if self.skip_locked
+                else pick.subquery("alchq_pick")
+            )
             # (a, b) IN (SELECT a, b ...): one column per key part, not one tuple.
             # RETURNING comes in no particular order: the sort keys come back too,
             # as the driver gives them (a value the column's type could not read,
