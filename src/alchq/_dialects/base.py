@@ -145,8 +145,23 @@ class Claim:
     token: int
 
 
-#: A claim built once: call it with a connection (see :meth:`Dialect.claim_plan`).
-ClaimPlan = Callable[["Connection"], list[Claim]]
+class ClaimPlan:
+    """A claim built once (see :meth:`Dialect.claim_plan`): call it with a connection.
+
+    ``statement`` is the claim as one UPDATE without RETURNING, for a caller that
+    wants other columns back (the claimer loads the tasks' objects from it); None
+    where the database claims in two steps. Its rows come back in no particular
+    order.
+    """
+
+    def __init__(
+        self, claim: Callable[[Connection], list[Claim]], statement: Update | None = None
+    ) -> None:
+        self._claim = claim
+        self.statement = statement
+
+    def __call__(self, conn: Connection) -> list[Claim]:
+        return self._claim(conn)
 
 
 class FinishPlan:
@@ -376,13 +391,8 @@ class Dialect:
             # which SQLite allows, must not fail the claim: its task ends in ERROR).
             n = len(pk_cols)
             raw = [type_coerce(col, NullType()) for col in order_by]
-            stmt = (
-                update(table)
-                .where(key.in_(select(*picked.c)))
-                .where(ready)
-                .values(values)
-                .returning(*pk_cols, token, *raw)
-            )
+            claim = update(table).where(key.in_(select(*picked.c))).where(ready).values(values)
+            stmt = claim.returning(*pk_cols, token, *raw)
 
             def returning(conn: Connection) -> list[Claim]:
                 rows = list(conn.execute(stmt).all())
@@ -390,7 +400,7 @@ class Dialect:
                     rows.sort(key=_sort_key(n + 1))
                 return [Claim(tuple(row[:n]), int(row[n])) for row in rows]
 
-            return returning
+            return ClaimPlan(returning, claim)
 
         def in_two_steps(conn: Connection) -> list[Claim]:
             # No RETURNING (MySQL): lock the rows first, then update them by key
@@ -404,7 +414,7 @@ class Dialect:
             tokens = {tuple(row[:-1]): int(row[-1]) for row in conn.execute(sel).all()}
             return [Claim(p, tokens[p]) for p in pks if p in tokens]  # in the pick's order
 
-        return in_two_steps
+        return ClaimPlan(in_two_steps)
 
     def finish(
         self,
