@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert
+from sqlalchemy import Column, Dialect, Integer, MetaData, String, Table, TypeDecorator, insert
 from sqlalchemy.orm import DeclarativeBase, Session, object_session
 
 from alchq import BaseQueue
@@ -28,6 +28,22 @@ batch_error = Table(
     Column("id", Integer, primary_key=True),
     Column("task_id", Integer, nullable=False),
 )
+
+
+#: A ``payload`` holding this value cannot be loaded (see :class:`Fragile`).
+UNLOADABLE = "unloadable"
+
+
+class Fragile(TypeDecorator[str]):
+    """A string column whose value :data:`UNLOADABLE` fails to load."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if value == UNLOADABLE:
+            raise ValueError(f"payload {value!r} cannot be loaded")
+        return value  # type: ignore[no-any-return]
 
 
 class BatchBase(DeclarativeBase):
@@ -83,6 +99,7 @@ class BatchTask(_Actions, BaseQueue, BatchBase):
     id = Column(Integer, primary_key=True)
     action = Column(String(20), nullable=False, default="ok")
     sleep = Column(String(10), nullable=True)
+    payload = Column(Fragile, nullable=True)
     alchq_time_limit = 2.0
 
 

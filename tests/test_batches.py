@@ -21,6 +21,7 @@ from alchq.worker import Worker
 from tests.models_batch import (
     STARTS,
     STEAL,
+    UNLOADABLE,
     BatchTask,
     SoloTask,
     batch_done,
@@ -220,3 +221,36 @@ def test_an_outcome_refused_in_a_batch_is_discarded_and_the_rest_commit(
     assert owner == "thief"
     assert {r.status for i, r in state.items() if i != stolen} == {Status.PROCESSED}
     assert f"BatchTask {stolen}: this worker no longer holds the claim" in caplog.text
+
+
+def test_a_batch_loads_its_tasks_from_the_claims_own_rows(eng: Engine) -> None:
+    ids = _add(eng, BatchTask, ["noop"] * 120)
+    selects: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM batch_task \n" in statement:
+            selects.append(statement)  # a load of tasks (not the rescuer's look)
+
+    event.listen(eng, "before_cursor_execute", seen)
+    try:
+        assert worker.process_all(BatchTask, engine=eng) == len(ids)
+    finally:
+        event.remove(eng, "before_cursor_execute", seen)
+    assert {r.status for r in _state(eng, BatchTask).values()} == {Status.PROCESSED}
+    # Only the first task, claimed alone, is loaded by a SELECT of its own.
+    assert len(selects) == 1, selects
+
+
+def test_a_row_that_cannot_be_loaded_in_a_batch_fails_alone(eng: Engine) -> None:
+    ids = _add(eng, BatchTask, ["ok"] * 20)
+    with eng.begin() as conn:
+        conn.execute(
+            update(BatchTask.__table__)  # type: ignore[arg-type]
+            .where(BatchTask.id == ids[10])
+            .values(payload=UNLOADABLE)
+        )
+    worker.process_all(BatchTask, engine=eng)
+    state = _check_effects(eng, BatchTask)
+    assert [i for i, r in state.items() if r.status != Status.PROCESSED] == [ids[10]]
+    assert state[ids[10]].status == Status.ERROR
+    assert all(r.alchq_attempts == 1 for r in state.values())

@@ -364,12 +364,15 @@ class Worker:
         ran = 0
         try:
             limit = 1 if keep else self._batch_size(model, room)
-            claims = self._claimer.claim(session, model, limit=limit)
+            loaded: dict[Any, BaseQueue] = {}
+            if limit > 1:
+                claims, loaded = self._claimer.claim_loaded(session, model, limit)
+            else:
+                claims = self._claimer.claim(session, model, limit=limit)
             unrun = list(claims)
             batched = len(claims) > 1
             began = time.monotonic()
-            loaded: dict[Any, BaseQueue] = {}
-            if batched:
+            if batched and not loaded:
                 loaded = self._executor.preload(
                     session, model, [self._held(session, model, c) for c in claims]
                 )
