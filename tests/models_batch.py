@@ -79,6 +79,16 @@ class _Actions:
             return
         if self.action == "sleep":
             time.sleep(float(self.sleep or 0))
+        if self.action in ("dirty_raise", "dirty_core_raise"):
+            self.sleep = "9"  # changed in memory, never saved
+        if self.action == "dirty_raise":
+            raise ValueError("this task fails before sending anything")
+        if self.action in ("core", "core_raise", "dirty_core_raise"):
+            # Not through the session's execute(): straight on its connection.
+            session.connection().execute(insert(batch_done).values(task_id=self.id))
+            if self.action != "core":
+                raise ValueError("this task fails")
+            return
         session.execute(insert(batch_done).values(task_id=self.id))
         if self.action == "raise":
             raise ValueError("this task fails")

@@ -254,3 +254,18 @@ def test_a_row_that_cannot_be_loaded_in_a_batch_fails_alone(eng: Engine) -> None
     assert [i for i, r in state.items() if r.status != Status.PROCESSED] == [ids[10]]
     assert state[ids[10]].status == Status.ERROR
     assert all(r.alchq_attempts == 1 for r in state.values())
+
+
+def test_a_savepoint_holds_every_way_a_run_writes(eng: Engine) -> None:
+    """A batched run's SAVEPOINT begins at its first statement, whichever way it is
+    sent: a failing run loses what it wrote and what it changed in memory only."""
+    actions = ["ok", "core", "core_raise", "ok", "dirty_core_raise", "dirty_raise", "ok"]
+    ids = _add(eng, BatchTask, ["ok"] + actions * 4)
+    assert worker.process_all(BatchTask, engine=eng) == len(ids)
+    state = _check_effects(eng, BatchTask)
+    with eng.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(BatchTask.__table__))}
+    failing = [i for i in ids if rows[i].action.endswith("raise")]
+    assert {state[i].status for i in failing} == {Status.ERROR}
+    assert {rows[i].sleep for i in ids} == {None}  # no change of a failed run was kept
+    assert {state[i].status for i in ids if i not in failing} == {Status.PROCESSED}

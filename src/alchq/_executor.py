@@ -125,10 +125,11 @@ class Executor:
         tb: str | None = None
         changed: list[str] = []
         root = session.get_transaction()
-        savepoint = session.begin_nested() if batched else None
         ended = dropped = False
         with RunWatch(session, held.engine, dbapi, held.dialect.backend_id) as watch:
             if batched:
+                # Its own SAVEPOINT, begun only when run() is about to send SQL.
+                watch.before_first_statement = session.begin_nested
                 watch.before_write_elsewhere = lambda: self._before_write_elsewhere(
                     session, held, watch
                 )
@@ -159,6 +160,7 @@ class Executor:
                     with contextlib.suppress(Exception):
                         self.binds.connection(session, model).invalidate()
                     dropped = True  # and with it any batch's transaction
+        savepoint, watch.before_first_statement = watch.savepoint, None
         if raised is not None or changed:
             if ended or dropped or not batched:
                 with contextlib.suppress(Exception):
@@ -174,8 +176,8 @@ class Executor:
                 "(its other changes were rolled back)"
             )
             return Ran(Outcome(Kind.ERROR, bad, None), task, session, ended_transaction=ended)
-        if savepoint is not None and not ended:
-            if not savepoint.is_active:
+        if batched and not ended:
+            if savepoint is not None and not savepoint.is_active:
                 # A failed flush rolled back to the SAVEPOINT and run() went on.
                 bad = TaskFailure(
                     "run() returned, but a database error had rolled back its writes "
@@ -183,7 +185,13 @@ class Executor:
                 )
                 return Ran(Outcome(Kind.ERROR, bad, None), task, session)
             had_writes = bool(watch.statements)
-            return Ran(Outcome(Kind.PROCESSED, had_writes=had_writes), task, session, savepoint)
+            return Ran(
+                Outcome(Kind.PROCESSED, had_writes=had_writes),
+                task,
+                session,
+                savepoint,
+                batched=True,
+            )
         if task not in session:
             logger.warning(
                 "%s: run() closed its session or removed the task from it%s",
@@ -255,13 +263,20 @@ def _same_transaction(now: Session, session: Session, root: SessionTransaction |
 
 
 def _undo(session: Session, savepoint: SessionTransaction | None) -> None:
-    """Roll back a batched task's writes: its SAVEPOINT, if a failed flush has not already."""
-    if savepoint is not None and savepoint.is_active:
-        try:
+    """Roll back a batched task's writes: its SAVEPOINT, if a failed flush has not
+    already; without one (run() sent no SQL), what it changed in memory only."""
+    try:
+        if savepoint is None:
+            # Nothing was sent: forget what it added, deleted or changed.
+            for obj in [*session.new, *session.deleted]:
+                session.expunge(obj)
+            for obj in list(session.dirty):
+                session.expire(obj)
+        elif savepoint.is_active:
             savepoint.rollback()
-        except Exception:  # the connection is gone, and the batch's transaction with it
-            with contextlib.suppress(Exception):
-                session.rollback()
+    except Exception:  # the connection is gone, and the batch's transaction with it
+        with contextlib.suppress(Exception):
+            session.rollback()
 
 
 def interruption(exc: BaseException) -> BaseException | None:

@@ -118,8 +118,11 @@ class Ran:
     task: BaseQueue | None
     session: Session
     #: In a batch: the task's SAVEPOINT, still open on a PROCESSED outcome (its
-    #: outcome is written inside it, the batch commits them together).
+    #: outcome is written inside it, the batch commits them together); None if
+    #: run() sent no SQL.
     savepoint: SessionTransaction | None = None
+    #: A PROCESSED outcome of a batched run: recorded with the batch's.
+    batched: bool = False
     #: In a batch: run() itself committed, rolled back or closed the session.
     ended_transaction: bool = False
 

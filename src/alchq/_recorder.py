@@ -130,13 +130,14 @@ class Recorder:
     def record(self, ran: Ran, held: Held) -> None:
         """Persist how ``held``'s run ended (its writes are pending in ``ran.session``).
 
-        A batched PROCESSED outcome (``ran.savepoint``) is written in the batch's
+        A batched PROCESSED outcome (``ran.batched``) is written in the batch's
         transaction and committed by :meth:`commit_batch`; any other outcome
         first commits the batch, then gets a transaction of its own.
         """
         if ran.ended_transaction:
             self._go_solo(held, "run() committed or rolled back the session itself")
-        if ran.savepoint is not None and self._add_to_batch(ran, ran.savepoint, held):
+        if ran.batched:
+            self._add_to_batch(ran, ran.savepoint, held)
             return
         self.commit_batch()
         outcome, session = ran.outcome, ran.session
@@ -286,7 +287,7 @@ class Recorder:
 
     # -- batches: several tasks' outcomes, one commit ----------------------------------
 
-    def _add_to_batch(self, ran: Ran, savepoint: SessionTransaction, held: Held) -> bool:
+    def _add_to_batch(self, ran: Ran, savepoint: SessionTransaction | None, held: Held) -> None:
         """Write a batched PROCESSED outcome in the batch's transaction.
 
         run()'s writes and the outcome stay inside the task's SAVEPOINT until
@@ -319,26 +320,27 @@ class Recorder:
         }
         try:
             if not outcome.had_writes:
-                savepoint.commit()  # sends nothing: run() issued no SQL
+                if savepoint is not None:
+                    savepoint.commit()  # begun, but nothing was sent in it
                 self._batch.append(Pending(held, outcome, task, fenced=fenced))
-                return True
-            else:
-                conn = self.binds.connection(session, held.model)
-                if not write(conn, held.claim, fenced):
-                    self._refused(session, conn, held, outcome, task, savepoint)
-                    return True
+                return
+            # (No SAVEPOINT here would be SQL that no hook saw: it stays in the batch.)
+            conn = self.binds.connection(session, held.model)
+            if not write(conn, held.claim, fenced):
+                self._refused(session, conn, held, outcome, task, savepoint)
+                return
+            if savepoint is not None:
                 savepoint.commit()
         except DBAPIError as exc:
-            if savepoint.is_active:
+            if savepoint is not None and savepoint.is_active:
                 with contextlib.suppress(Exception):
                     savepoint.rollback()
             self.commit_batch()
             with contextlib.suppress(Exception):
                 session.rollback()
             self._write_failed(session, held, outcome, task, exc, last_try=False)
-            return True
+            return
         self._batch.append(Pending(held, outcome, task))
-        return True
 
     def _write_unwritten(self, session: Session, pending: list[Pending]) -> list[Pending]:
         """Write the outcomes of the batch's runs that wrote nothing, in one statement

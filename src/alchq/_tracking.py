@@ -13,7 +13,11 @@ The worker must know, without guessing from exception types:
   closed session);
 - which statements run() sent through *other* connections to the same database
   are still waiting, and since when: one waiting on a lock the task's own
-  session holds waits for ever (see alchq._selfwait).
+  session holds waits for ever (see alchq._selfwait);
+- in a batch, the moment run() is about to send its first statement through its
+  session (a flush, a query, a statement on the session's connection): its
+  SAVEPOINT begins then, so a run that sends nothing costs no SAVEPOINT, not
+  even SQLAlchemy's bookkeeping of an unsent one.
 
 Engine and session listeners, installed once, feed the :class:`RunWatch` of
 the run in progress in this context (a ContextVar); outside a run they do
@@ -32,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 _current: ContextVar[RunWatch | None] = ContextVar("alchq_run_watch", default=None)
 
@@ -91,6 +95,11 @@ class RunWatch:
         #: Called once, before run()'s first write through another connection to
         #: the task's database (a batch commits its outcomes then).
         self.before_write_elsewhere: Callable[[], None] | None = None
+        #: Called once, just before run()'s first statement through its session
+        #: (a batch begins the task's SAVEPOINT then); what it returns is kept in
+        #: :attr:`savepoint`.
+        self.before_first_statement: Callable[[], SessionTransaction] | None = None
+        self.savepoint: SessionTransaction | None = None
         #: Errors that lost a connection to the task's database.
         self.disconnects: list[BaseException] = []
         #: Database errors raised on connections to the task's database, newest last.
@@ -167,6 +176,51 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         )
 
 
+def _first_statement(watch: RunWatch) -> None:
+    hook, watch.before_first_statement = watch.before_first_statement, None
+    if hook is not None:
+        watch.savepoint = hook()
+
+
+def _on_flush(session: Session, *args: Any) -> None:
+    """Before a flush of the run's session writes anything (and before the flush's own
+    transaction begins, so that it begins inside the SAVEPOINT)."""
+    watch = _current.get()
+    if watch is not None and watch.before_first_statement is not None and session is watch.session:
+        _first_statement(watch)
+
+
+def _on_orm_execute(state: ORMExecuteState) -> None:
+    """Before a statement of the run's session picks its connection (after its autoflush)."""
+    watch = _current.get()
+    if (
+        watch is not None
+        and watch.before_first_statement is not None
+        and state.session is watch.session
+    ):
+        _first_statement(watch)
+
+
+def _on_execute(conn: Any, *args: Any) -> None:
+    """Before any statement on the session's connection that neither of the above saw
+    (run() used ``session.connection()`` directly): the SAVEPOINT goes first."""
+    watch = _current.get()
+    if watch is None or watch.before_first_statement is None:
+        return
+    dbapi = _dbapi(conn)
+    if dbapi is not None and dbapi in watch.connections and conn.engine in _installed:
+        session = watch.session
+        if session.new or session.dirty or session.deleted:
+            # begin_nested() would flush these *before* its SAVEPOINT: a flush
+            # first, which begins it (above), puts them inside.
+            session.flush()
+        if watch.before_first_statement is not None:
+            _first_statement(watch)
+            # run() holds the connection already: the session would not ask for
+            # it again, so the SAVEPOINT is sent now, before the statement.
+            session.connection(bind_arguments={"bind": watch.engine})
+
+
 def _on_any_statement_done(conn: Any, cursor: Any, *args: Any) -> None:
     watch = _current.get()
     if watch is not None and watch.waiting:
@@ -230,6 +284,7 @@ def install(engine: Engine) -> None:
 
 # Every engine's statements (see _on_statement).
 if not event.contains(Engine, "before_cursor_execute", _on_statement):
+    event.listen(Engine, "before_execute", _on_execute)
     event.listen(Engine, "before_cursor_execute", _on_statement)
     event.listen(Engine, "after_cursor_execute", _on_any_statement_done)
     event.listen(Engine, "handle_error", _on_any_error)
@@ -240,3 +295,5 @@ if not event.contains(Session, "after_begin", _on_begin):
     event.listen(Session, "after_begin", _on_begin)
     event.listen(Session, "after_commit", _on_commit)
     event.listen(Session, "after_rollback", _on_rollback)
+    event.listen(Session, "before_flush", _on_flush)
+    event.listen(Session, "do_orm_execute", _on_orm_execute)
