@@ -30,29 +30,6 @@ from tests.pgserver import PgServer  # noqa: E402
 from benchmarks import drain, enqueue, latency  # noqa: E402
 
 
-def _enqueue_rows(url: str, n: int) -> list[dict[str, Any]]:
-    def best(kind: str, count: int, clients: int = 1, notify: str = "on") -> float:
-        return max(enqueue.rate(url, count, kind, clients, notify) for _ in range(2))
-
-    bare1, alchq1, orm1 = best("bare", n), best("alchq", n), best("orm", n)
-    bulk = n * 10
-    bare_bulk, alchq_bulk = best("bare_bulk", bulk), best("alchq_bulk", bulk)
-    per = max(1, n // 4)
-    clients = enqueue.CLIENTS
-    on, off = best("alchq", per, clients, "on"), best("alchq", per, clients, "off")
-    row = {"db": "postgresql", "unit": "tasks/s"}
-    return [
-        {**row, "what": "enqueue, 1 per transaction", "value": alchq1,
-         "ratio": alchq1 / bare1, "ceiling": f"bare driver {bare1:.0f}/s"},
-        {**row, "what": "enqueue, 1 per transaction (plain ORM add)", "value": orm1,
-         "ratio": orm1 / bare1, "ceiling": f"bare driver {bare1:.0f}/s"},
-        {**row, "what": f"enqueue_many, {bulk:,} in one transaction", "value": alchq_bulk,
-         "ratio": alchq_bulk / bare_bulk, "ceiling": f"bare executemany {bare_bulk:.0f}/s"},
-        {**row, "what": f"enqueue, {clients} clients, notifications on", "value": on,
-         "ratio": on / off, "ceiling": f"notifications off {off:.0f}/s"},
-    ]  # fmt: skip
-
-
 def _latency_rows(name: str, url: str, samples: int) -> list[dict[str, Any]]:
     r = latency.measure(name, url, samples)
     return [
@@ -95,7 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:
         for db in ("enqueue", "latency", "drain"):
             pg.createdb(db)
-        rows += _enqueue_rows(pg.url("enqueue"), args.enqueue_tasks)
+        rows += enqueue.rows("sqlite", f"sqlite:///{tmp}/enqueue.sqlite", args.enqueue_tasks)
+        rows += enqueue.rows("postgresql", pg.url("enqueue"), args.enqueue_tasks)
         rows += _latency_rows("sqlite", f"sqlite:///{tmp}/latency.sqlite", args.samples)
         rows += _latency_rows("postgresql", pg.url("latency"), args.samples)
         rows += _drain_rows(drain.run_all(args.tasks, args.finished, pg.url("drain"), tmp))

@@ -1,20 +1,23 @@
-"""Enqueue rates on PostgreSQL: one task per transaction, alone and 8 clients at once.
+"""Enqueue rates: one task per transaction, alone and 8 clients at once; in bulk.
 
 Run: ``make bench`` (or ``python -m benchmarks.enqueue [--tasks N]``).
 
-Measured in the same run, on a throwaway server at default durability:
+Measured in the same run, on a throwaway PostgreSQL server at default durability
+and on an SQLite file (WAL, as workers use it):
 
-* ``bare``: psycopg inserting one row per transaction (the ceiling);
+* ``bare``: psycopg (sqlite3) inserting one row per transaction (the ceiling);
 * ``plain ORM``: the same through a SQLAlchemy Session, into a plain table
   (what the ORM itself costs);
 * ``alchq``: ``session.add(Task()); session.commit()``, one task each;
-* in bulk: 10x as many in one transaction, psycopg's ``executemany`` against
+* in bulk: 10x as many in one transaction, the driver's ``executemany`` against
   ``Model.enqueue_many()``;
 * one task per transaction from 8 client processes at once, with notifications on (the
   default: each commit is announced to idle workers) and off
   (``ALCHQ_NOTIFY=off``). The ratio on/off shows whether NOTIFY's commit lock
   limits enqueue traffic; it should stay near 1 (alchq sends NOTIFY from a
-  background thread, coalesced, outside the app's transaction).
+  background thread, coalesced, outside the app's transaction). SQLite has no
+  notifications: there the 8 clients are measured against the bare driver's 8
+  (one writer at a time, whoever writes).
 
 Every run counts the rows it inserted.
 """
@@ -22,8 +25,10 @@ Every run counts the rows it inserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -59,6 +64,9 @@ class PlainRow(_Plain):
 
 def _reset(url: str) -> None:
     engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     metadata.drop_all(engine, tables=[EnqueueTask.__table__])  # type: ignore[attr-defined]
     metadata.create_all(engine, tables=[EnqueueTask.__table__])  # type: ignore[attr-defined]
     _Plain.metadata.drop_all(engine)
@@ -74,7 +82,20 @@ def _count(url: str) -> int:
     return n
 
 
+def _sqlite(url: str) -> sqlite3.Connection | None:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return None
+    return sqlite3.connect(u.database or "", timeout=30, isolation_level=None)
+
+
 def bare(url: str, n: int) -> None:
+    lite = _sqlite(url)
+    if lite is not None:
+        with contextlib.closing(lite):
+            for _ in range(n):
+                lite.execute("INSERT INTO enqueue_task DEFAULT VALUES")  # autocommit
+        return
     raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(raw, autocommit=True) as conn:
         for _ in range(n):
@@ -102,6 +123,13 @@ def plain_orm(url: str, n: int) -> None:
 
 
 def bare_bulk(url: str, n: int) -> None:
+    lite = _sqlite(url)
+    if lite is not None:
+        with contextlib.closing(lite):
+            lite.execute("BEGIN")
+            lite.executemany("INSERT INTO enqueue_task (priority) VALUES (?)", [(0,)] * n)
+            lite.execute("COMMIT")
+        return
     raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(raw) as conn, conn.cursor() as cursor:
         cursor.executemany("INSERT INTO enqueue_task (priority) VALUES (%s)", [(0,)] * n)
@@ -145,43 +173,55 @@ def rate(url: str, n: int, kind: str, clients: int = 1, notify: str = "on") -> f
     return n * clients / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
+def rows(name: str, url: str, n: int) -> list[dict[str, Any]]:
+    """Every enqueue figure of one database (``n`` per client), as ``make bench``'s rows."""
+
+    def best(kind: str, count: int, clients: int = 1, notify: str = "on") -> float:
+        return max(rate(url, count, kind, clients, notify) for _ in range(2))
+
+    bare1, alchq1, orm1 = best("bare", n), best("alchq", n), best("orm", n)
+    bulk = n * 10
+    bare_bulk, alchq_bulk = best("bare_bulk", bulk), best("alchq_bulk", bulk)
+    per = max(1, n // 4)
+    row = {"db": name, "unit": "tasks/s"}
+    out = [
+        {**row, "what": "enqueue, 1 per transaction", "value": alchq1,
+         "ratio": alchq1 / bare1, "ceiling": f"bare driver {bare1:.0f}/s"},
+        {**row, "what": "enqueue, 1 per transaction (plain ORM add)", "value": orm1,
+         "ratio": orm1 / bare1, "ceiling": f"bare driver {bare1:.0f}/s"},
+        {**row, "what": f"enqueue_many, {bulk:,} in one transaction", "value": alchq_bulk,
+         "ratio": alchq_bulk / bare_bulk, "ceiling": f"bare executemany {bare_bulk:.0f}/s"},
+    ]  # fmt: skip
+    if name == "sqlite":  # no notifications: 8 clients against the bare driver's 8
+        on, bare8 = best("alchq", per, CLIENTS), best("bare", per, CLIENTS)
+        out.append(
+            {**row, "what": f"enqueue, {CLIENTS} clients", "value": on,
+             "ratio": on / bare8, "ceiling": f"bare driver, {CLIENTS} clients {bare8:.0f}/s"}
+        )  # fmt: skip
+    else:
+        on, off = best("alchq", per, CLIENTS, "on"), best("alchq", per, CLIENTS, "off")
+        out.append(
+            {**row, "what": f"enqueue, {CLIENTS} clients, notifications on", "value": on,
+             "ratio": on / off, "ceiling": f"notifications off {off:.0f}/s"}
+        )  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000, help="per client")
     args = parser.parse_args()
+    import tempfile
+
     from tests.pgserver import PgServer
 
-    results: dict[str, Any] = {}
-    with PgServer(durable=True) as pg:  # default durability
+    with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:  # default durability
         pg.createdb("enqueue")
-        url = pg.url("enqueue")
-        n = args.tasks
-        results["bare_1"] = max(rate(url, n, "bare") for _ in range(2))
-        results["orm_1"] = max(rate(url, n, "orm") for _ in range(2))
-        results["alchq_1"] = max(rate(url, n, "alchq") for _ in range(2))
-        bulk = n * 10
-        results["bare_bulk"] = max(rate(url, bulk, "bare_bulk") for _ in range(2))
-        results["alchq_bulk"] = max(rate(url, bulk, "alchq_bulk") for _ in range(2))
-        per = max(1, n // 4)
-        results["bare_8"] = max(rate(url, per, "bare", CLIENTS) for _ in range(2))
-        results["alchq_8_on"] = max(rate(url, per, "alchq", CLIENTS, "on") for _ in range(2))
-        results["alchq_8_off"] = max(rate(url, per, "alchq", CLIENTS, "off") for _ in range(2))
-    r = results
-    print(
-        f"postgresql  enqueue 1 client:  bare {r['bare_1']:7.0f}/s  plain ORM {r['orm_1']:7.0f}/s"
-        f"  alchq {r['alchq_1']:7.0f}/s  alchq/bare {r['alchq_1'] / r['bare_1']:5.2f}"
-        f"  alchq/ORM {r['alchq_1'] / r['orm_1']:5.2f}"
-    )
-    print(
-        f"postgresql  enqueue {n * 10} in one transaction: bare executemany"
-        f" {r['bare_bulk']:7.0f}/s  alchq enqueue_many {r['alchq_bulk']:7.0f}/s"
-        f"  alchq/bare {r['alchq_bulk'] / r['bare_bulk']:5.2f}"
-    )
-    print(
-        f"postgresql  enqueue {CLIENTS} clients: bare {r['bare_8']:7.0f}/s"
-        f"  alchq notify on {r['alchq_8_on']:7.0f}/s  off {r['alchq_8_off']:7.0f}/s"
-        f"  on/off {r['alchq_8_on'] / r['alchq_8_off']:5.2f}"
-    )
+        found = rows("sqlite", f"sqlite:///{tmp}/enqueue.sqlite", args.tasks)
+        found += rows("postgresql", pg.url("enqueue"), args.tasks)
+    for r in found:
+        figure = f"{r['db']:<11} {r['what']:<46} {r['value']:8.0f}/s"
+        print(f"{figure}  {r['ratio']:5.2f} of {r['ceiling']}")
 
 
 if __name__ == "__main__":
