@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, String, Table, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import OperationalError
 
-from alchq._dialects.base import Dialect, on_connect
+from alchq._dialects.base import Claim, Dialect, FinishPlan, on_connect
 from alchq._util import first_line
 
 logger = logging.getLogger("alchq.dialect")
@@ -44,6 +45,38 @@ _TRANSIENT_MESSAGES = (
 )
 
 
+def _json_plain(value: Any) -> bool:
+    """Does ``value`` go through JSON as SQLite compares it (an integer or text)?"""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+class JsonFinishPlan(FinishPlan):
+    """Several outcomes in one statement whose text does not depend on how many: the
+    rows' keys and fence values as one JSON array (``json_each``), so the statement
+    is compiled once instead of rendering a placeholder per value. Values JSON
+    cannot carry as they are compared (a UUID key, bytes) take the generic form."""
+
+    def __init__(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> None:
+        super().__init__(table, values, fence)
+        pk = list(table.primary_key.columns)
+        cols = [*pk, *(table.c[name] for name in fence)]
+        rows = func.json_each(bindparam("alchq_rows", type_=String())).table_valued("value")
+        picked = [func.json_extract(rows.c.value, f"$[{i}]") for i in range(len(cols))]
+        key = (
+            pk[0].in_(select(picked[0]).select_from(rows))
+            if len(pk) == 1
+            else tuple_(*pk).in_(select(*picked[: len(pk)]).select_from(rows))
+        )
+        every = tuple_(*cols).in_(select(*picked).select_from(rows))
+        self._json = update(table).where(key).where(every).values(values)
+
+    def many(self, conn: Connection, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> int:
+        values = [[*claim.pk, *(fenced[name] for name in self._fence)] for claim, fenced in rows]
+        if not rows or not all(_json_plain(v) for row in values for v in row):
+            return super().many(conn, rows)
+        return int(conn.execute(self._json, {"alchq_rows": json.dumps(values)}).rowcount)
+
+
 class SQLiteDialect(Dialect):
     name = "sqlite"
     on_conflict_insert = staticmethod(insert)
@@ -53,6 +86,9 @@ class SQLiteDialect(Dialect):
     skip_locked = False
     returning = True  # SQLite >= 3.35
     partial_index = True
+
+    def finish_plan(self, table: Table, values: dict[str, Any], fence: Sequence[str]) -> FinishPlan:
+        return JsonFinishPlan(table, values, fence)
 
     def is_transient(self, exc: BaseException) -> bool:
         # sqlite3 raises OperationalError for a missing table as for a locked
