@@ -69,6 +69,11 @@ class DrainWriteTask(BaseQueue):
         session.execute(insert(drain_effect).values(task_id=self.id))
 
 
+def _pythonpath() -> str:
+    """The checkout first (for ``benchmarks.*`` models), then whatever was set."""
+    return os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
 def _table(model: type[BaseQueue]) -> Table:
     return model.__table__  # type: ignore[attr-defined,no-any-return]
 
@@ -173,7 +178,7 @@ def alchq_drain(
     """Start worker processes on a filled queue, wait until it is empty; the figures."""
     engine = create_engine(url)
     table = _table(model)
-    env = dict(os.environ, PYTHONPATH=ROOT, ALCHQ_DATABASE_URL=url)
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), ALCHQ_DATABASE_URL=url)
     procs = []
     for i in range(processes):
         log = open(os.path.join(log_dir, f"{table.name}-{i}.log"), "wb")  # noqa: SIM115
@@ -241,7 +246,7 @@ def memory(url: str, n: int, log_dir: str) -> dict[str, Any]:
     engine = create_engine(url)
     fill(engine, DrainTask, n)
     table = _table(DrainTask)
-    env = dict(os.environ, PYTHONPATH=ROOT, ALCHQ_DATABASE_URL=url)
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), ALCHQ_DATABASE_URL=url)
     with open(os.path.join(log_dir, "memory.log"), "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "alchq.cli", "run", "benchmarks.drain:DrainTask", "--burst"],
