@@ -42,7 +42,8 @@ class LatencyTask(BaseQueue):
 
 
 def _worker(url: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.Popen(
         [sys.executable, "-m", "alchq.cli", "run", "benchmarks.latency:LatencyTask"],
         env={**env, "ALCHQ_DATABASE_URL": url},
