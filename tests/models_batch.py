@@ -9,7 +9,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Column, Dialect, Integer, MetaData, String, Table, TypeDecorator, insert
+from sqlalchemy import (
+    Column,
+    Dialect,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    delete,
+    insert,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Session, object_session
 
 from alchq import BaseQueue
@@ -76,6 +87,21 @@ class _Actions:
             return
         if self.action == "stolen":
             STEAL[0](self.id)  # someone else takes the row over meanwhile
+            return
+        if self.action == "stolen_write":
+            STEAL[0](self.id)
+        table = type(self).__table__  # type: ignore[attr-defined]
+        if self.action == "delete_self":
+            session.execute(insert(batch_done).values(task_id=self.id))
+            session.execute(delete(table).where(table.c.id == self.id))
+            return
+        if self.action == "tamper":  # changes alchq's own counter by SQL
+            session.execute(insert(batch_done).values(task_id=self.id))
+            session.execute(
+                update(table)
+                .where(table.c.id == self.id)
+                .values(alchq_failures=table.c.alchq_failures + 1)
+            )
             return
         if self.action == "sleep":
             time.sleep(float(self.sleep or 0))

@@ -269,3 +269,52 @@ def test_a_savepoint_holds_every_way_a_run_writes(eng: Engine) -> None:
     assert {state[i].status for i in failing} == {Status.ERROR}
     assert {rows[i].sleep for i in ids} == {None}  # no change of a failed run was kept
     assert {state[i].status for i in ids if i not in failing} == {Status.PROCESSED}
+
+
+def test_a_run_that_deletes_its_own_row_in_a_batch_is_done(eng: Engine) -> None:
+    ids = _add(eng, BatchTask, ["ok"] * 30 + ["delete_self"] + ["ok"] * 30)
+    assert worker.process_all(BatchTask, engine=eng) == len(ids)
+    state = _check_effects(eng, BatchTask)
+    assert ids[30] not in state and _effects(eng)[ids[30]] == 1
+    assert {r.status for r in state.values()} == {Status.PROCESSED}
+    assert {r.alchq_attempts for r in state.values()} == {1}
+
+
+def test_a_run_that_changes_alchqs_counters_in_a_batch_fails_alone(eng: Engine) -> None:
+    ids = _add(eng, BatchTask, ["ok"] * 30 + ["tamper"] + ["ok"] * 30)
+    worker.process_all(BatchTask, engine=eng)
+    state = _check_effects(eng, BatchTask)
+    assert state[ids[30]].status == Status.ERROR
+    assert {r.status for i, r in state.items() if i != ids[30]} == {Status.PROCESSED}
+    with eng.connect() as conn:
+        message = conn.scalar(select(BatchTask.alchq_error_message).where(BatchTask.id == ids[30]))
+    assert "run() changed alchq_failures" in str(message)
+
+
+def test_a_writing_run_whose_claim_is_taken_over_loses_its_writes_alone(
+    eng: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its SAVEPOINT is rolled back: the stolen row keeps its new owner and none of the
+    run's writes; every other task of the batch commits, effect once."""
+    if eng.dialect.name == "sqlite":
+        pytest.skip("SQLite: the thief would wait for the batch's write lock")
+    ids = _add(eng, BatchTask, ["ok"] * 30 + ["stolen_write"] + ["ok"] * 30)
+    stolen = ids[30]
+
+    def steal(task_id: int) -> None:
+        with eng.begin() as conn:
+            conn.execute(
+                update(BatchTask).where(BatchTask.id == task_id).values(alchq_worker="thief")
+            )
+
+    STEAL[:] = [steal]
+    with caplog.at_level(logging.WARNING, logger="alchq.worker"):
+        worker.process_all(BatchTask, engine=eng)
+    state = _state(eng, BatchTask)
+    assert state[stolen].status == Status.PROCESSING
+    done = _effects(eng)
+    assert done[stolen] == 0
+    others = [i for i in ids if i != stolen]
+    assert {state[i].status for i in others} == {Status.PROCESSED}
+    assert {done[i] for i in others} == {1}
+    assert f"BatchTask {stolen}: this worker no longer holds the claim" in caplog.text
