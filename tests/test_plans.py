@@ -129,3 +129,21 @@ def test_a_batch_of_outcomes_uses_indexes(pg: Engine) -> None:
     statements = _statements(pg, finish)
     assert len(statements) == 1, statements
     _no_seq_scan(_plans(pg, statements))
+
+
+def test_sqlite_claims_by_primary_key_however_many_are_ready(engine: Engine) -> None:
+    """The claim's UPDATE finds its rows by key, not by scanning every ready row (its
+    cost would grow with the backlog)."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's planner")
+    alchq.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {TABLE} (sleep) VALUES (0)"))
+    statements = _statements(engine, lambda: worker.process_one(CountTask, engine=engine))
+    claims = [(sql, p) for sql, p in statements if "SET status" in sql and "alchq_pick" in sql]
+    assert claims, statements
+    with engine.connect() as conn:
+        for sql, params in claims:
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
+            outer = [row[3] for row in plan if row[1] == 0]
+            assert any("PRIMARY KEY" in step for step in outer), plan

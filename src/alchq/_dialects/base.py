@@ -391,7 +391,14 @@ class Dialect:
             # which SQLite allows, must not fail the claim: its task ends in ERROR).
             n = len(pk_cols)
             raw = [type_coerce(col, NullType()) for col in order_by]
-            claim = update(table).where(key.in_(select(*picked.c))).where(ready).values(values)
+            claim = update(table).where(key.in_(select(*picked.c)))
+            if self.skip_locked:
+                # Checked again: a row may have changed between the pick and its
+                # update. Without SKIP LOCKED (SQLite) the statement runs under the
+                # single write lock, nothing changes in between, and the check
+                # would steer SQLite to scan every ready row instead of the key.
+                claim = claim.where(ready)
+            claim = claim.values(values)
             stmt = claim.returning(*pk_cols, token, *raw)
 
             def returning(conn: Connection) -> list[Claim]:
