@@ -46,6 +46,10 @@ class Monitor:
         self._on_hard_deadline = on_hard_deadline
         self._cond = threading.Condition()
         self._held: Held | None = None
+        #: The thread waits a tick (a task is held), not until the next heartbeat.
+        self._ticking = False
+        #: A worker id whose drop the supervisor has not been told of yet.
+        self._untold: str | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -55,6 +59,7 @@ class Monitor:
             self._thread = helper_thread(self._main, "alchq-monitor")
 
     def close(self) -> None:
+        self.tell()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -66,7 +71,9 @@ class Monitor:
         """Watch ``held`` (the task now in hand) until :meth:`drop`; tell the supervisor."""
         with self._cond:
             self._held = held
-            self._cond.notify_all()
+            if not self._ticking:  # ticking, it sees the new task within a tick
+                self._cond.notify_all()
+        self._untold = None  # the supervisor's held task is replaced by this one
         link.send(
             "hold",
             id=held.worker_id,
@@ -79,14 +86,25 @@ class Monitor:
             alarm=held.thread_id == threading.main_thread().ident,
         )
 
-    def drop(self, held: Held) -> None:
+    def drop(self, held: Held, *, tell_later: bool = False) -> None:
+        """Stop watching ``held``. ``tell_later``: another task of the batch follows at
+        once, so the supervisor is told only if none does (:meth:`tell`): a pipe
+        message per task less."""
         with self._cond:
             dropped = self._held is held
             if dropped:
                 self._held = None
-            self._cond.notify_all()
-        if dropped:
+            # No wake-up: a ticking thread finds nothing held at its next tick.
+        if dropped and tell_later:
+            self._untold = held.worker_id
+        elif dropped:
             link.send("drop", id=held.worker_id)
+
+    def tell(self) -> None:
+        """Tell the supervisor of a drop :meth:`drop` kept back."""
+        untold, self._untold = self._untold, None
+        if untold is not None:
+            link.send("drop", id=untold)
 
     @property
     def held(self) -> Held | None:
@@ -101,7 +119,8 @@ class Monitor:
                 if self._closed:
                     return
                 idle = max(0.0, next_beat - time.monotonic())
-                self._cond.wait(_TICK if self._held is not None else idle)
+                self._ticking = self._held is not None
+                self._cond.wait(_TICK if self._ticking else idle)
                 if self._closed:
                     return
                 held = self._held

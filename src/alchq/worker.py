@@ -394,6 +394,7 @@ class Worker:
             raise
         finally:
             self._recorder.commit_batch()
+            self._monitor.tell()
             # Claimed but not started (a stop, the span): back at once, uncounted.
             self._recorder.hand_back(session, [self._held(session, model, c) for c in unrun])
             if not keep:
@@ -448,7 +449,7 @@ class Worker:
             self._recorder.record(ran, held)
         finally:
             if not self._recorder.holds(held):
-                self._monitor.drop(held)
+                self._monitor.drop(held, tell_later=batched)
                 self._registry.in_hand = 0
         if isinstance(ran.outcome.exc, WorkerShutdown):
             raise ran.outcome.exc

@@ -10,6 +10,7 @@ PROCESSED, once, and every extra start is explained by a lost claim.
 from __future__ import annotations
 
 import signal
+import time
 
 from sqlalchemy import func, select, text
 
@@ -119,3 +120,22 @@ def test_two_workers_batching_side_by_side_run_each_task_once(
     assert len(owners) == 2, "one worker took every task"
     workers.stop_all_cleanly()
     assert all(p.proc.returncode == 0 for p in pair)
+
+
+def test_an_idle_worker_after_a_batch_is_not_taken_for_one_holding_a_task(
+    queue: Queue, workers: Workers
+) -> None:
+    """Within a batch the supervisor hears of each task as it starts, and of the
+    last one's end only when the batch is over: once idle, longer than a time limit
+    and its kill_after, the worker is not stopped or replaced for a stale task."""
+    queue.add(400, action="filed")
+    env = {"FAULT_TIME_LIMIT": "1", "ALCHQ_KILL_AFTER": "0.5"}
+    w = workers.start(env=env)
+    wait_until(lambda: queue.counts() == {"PROCESSED": 400}, 60, "drained", workers.describe)
+    time.sleep(3)  # past 1 s + 0.5 s + the supervisor's margin
+    assert w.alive(), w.tail()
+    out = w.output()
+    assert "time limit" not in out and "killing" not in out, out[-2000:]
+    assert out.count("worker process 1 (pid") == 1, out[-2000:]  # never replaced
+    check_invariants(queue, quiet_dir=workers.quiet_dir)
+    workers.stop_all_cleanly()
