@@ -311,13 +311,7 @@ class Recorder:
             write = self._processed_plans[held.table] = held.dialect.finish_plan(
                 held.table, values, _FENCE
             )
-        fenced = {
-            "status": Status.PROCESSING,
-            "alchq_worker": held.worker_id,
-            "alchq_attempts": held.claim.token,
-            "alchq_failures": held.failures,
-            "alchq_lost_claims": held.lost_claims,
-        }
+        fenced = _fenced(held)
         try:
             if not outcome.had_writes:
                 if savepoint is not None:
@@ -888,6 +882,12 @@ def _clear_error_lease(held: Held) -> Any:
 #: The columns a batched PROCESSED write is fenced by: the claim's (see
 #: ``still_ours``) and the counters run() must have left alone (``_untouched``).
 _FENCE = ("status", "alchq_worker", "alchq_attempts", "alchq_failures", "alchq_lost_claims")
+
+
+def _fenced(held: Held) -> dict[str, Any]:
+    """The values :data:`_FENCE`'s columns have while the claim is ``held``'s."""
+    values = (Status.PROCESSING, held.worker_id, held.claim.token, held.failures, held.lost_claims)
+    return dict(zip(_FENCE, values, strict=True))
 
 
 def _write(
