@@ -19,6 +19,7 @@ from sqlalchemy import (
     TypeDecorator,
     delete,
     insert,
+    select,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Session, object_session
@@ -109,6 +110,11 @@ class _Actions:
             self.sleep = "9"  # changed in memory, never saved
         if self.action == "dirty_raise":
             raise ValueError("this task fails before sending anything")
+        if self.action == "dirty_query_raise":
+            with session.no_autoflush:  # its query does not flush the change first
+                self.sleep = "9"
+                session.execute(select(batch_done.c.id).limit(1))
+            raise ValueError("this task fails after a query")
         if self.action in ("core", "core_raise", "dirty_core_raise"):
             # Not through the session's execute(): straight on its connection.
             session.connection().execute(insert(batch_done).values(task_id=self.id))

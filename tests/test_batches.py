@@ -260,6 +260,7 @@ def test_a_savepoint_holds_every_way_a_run_writes(eng: Engine) -> None:
     """A batched run's SAVEPOINT begins at its first statement, whichever way it is
     sent: a failing run loses what it wrote and what it changed in memory only."""
     actions = ["ok", "core", "core_raise", "ok", "dirty_core_raise", "dirty_raise", "ok"]
+    actions += ["dirty_query_raise", "ok"]
     ids = _add(eng, BatchTask, ["ok"] + actions * 4)
     assert worker.process_all(BatchTask, engine=eng) == len(ids)
     state = _check_effects(eng, BatchTask)

@@ -182,6 +182,17 @@ def _first_statement(watch: RunWatch) -> None:
         watch.savepoint = hook()
 
 
+def _first_statement_flushed(watch: RunWatch) -> None:
+    """:func:`_first_statement`, outside a flush: begin_nested() would flush what the
+    session holds unflushed (run() in ``no_autoflush``) *before* its SAVEPOINT; a
+    flush first begins it (see :func:`_on_flush`) and puts those writes inside."""
+    session = watch.session
+    if session.new or session.dirty or session.deleted:
+        session.flush()
+    if watch.before_first_statement is not None:
+        _first_statement(watch)
+
+
 def _on_flush(session: Session, *args: Any) -> None:
     """Before a flush of the run's session writes anything (and before the flush's own
     transaction begins, so that it begins inside the SAVEPOINT)."""
@@ -198,7 +209,7 @@ def _on_orm_execute(state: ORMExecuteState) -> None:
         and watch.before_first_statement is not None
         and state.session is watch.session
     ):
-        _first_statement(watch)
+        _first_statement_flushed(watch)
 
 
 def _on_execute(conn: Any, *args: Any) -> None:
@@ -209,16 +220,11 @@ def _on_execute(conn: Any, *args: Any) -> None:
         return
     dbapi = _dbapi(conn)
     if dbapi is not None and dbapi in watch.connections and conn.engine in _installed:
-        session = watch.session
-        if session.new or session.dirty or session.deleted:
-            # begin_nested() would flush these *before* its SAVEPOINT: a flush
-            # first, which begins it (above), puts them inside.
-            session.flush()
-        if watch.before_first_statement is not None:
-            _first_statement(watch)
+        _first_statement_flushed(watch)
+        if watch.savepoint is not None:
             # run() holds the connection already: the session would not ask for
             # it again, so the SAVEPOINT is sent now, before the statement.
-            session.connection(bind_arguments={"bind": watch.engine})
+            watch.session.connection(bind_arguments={"bind": watch.engine})
 
 
 def _on_any_statement_done(conn: Any, cursor: Any, *args: Any) -> None:
