@@ -11,12 +11,10 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
-    Dialect,
     Integer,
     MetaData,
     String,
     Table,
-    TypeDecorator,
     delete,
     insert,
     select,
@@ -25,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Session, object_session
 
 from alchq import BaseQueue
+from tests.fault_tasks import Fragile
 
 batch_metadata = MetaData()
 
@@ -40,22 +39,6 @@ batch_error = Table(
     Column("id", Integer, primary_key=True),
     Column("task_id", Integer, nullable=False),
 )
-
-
-#: A ``payload`` holding this value cannot be loaded (see :class:`Fragile`).
-UNLOADABLE = "unloadable"
-
-
-class Fragile(TypeDecorator[str]):
-    """A string column whose value :data:`UNLOADABLE` fails to load."""
-
-    impl = String(20)
-    cache_ok = True
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
-        if value == UNLOADABLE:
-            raise ValueError(f"payload {value!r} cannot be loaded")
-        return value  # type: ignore[no-any-return]
 
 
 class BatchBase(DeclarativeBase):

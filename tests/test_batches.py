@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 
 from alchq import Status, worker
 from alchq.worker import Worker
+from tests.fault_tasks import UNLOADABLE
 from tests.models_batch import (
     STARTS,
     STEAL,
-    UNLOADABLE,
     BatchTask,
     SoloTask,
     batch_done,
