@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    Uuid,
     create_engine,
     event,
     func,
@@ -57,8 +59,18 @@ class ContractPair(BaseQueue, Base):
         pass
 
 
+class ContractUuid(BaseQueue, Base):
+    """A key that is no plain integer or text (a UUID)."""
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+
+    def run(self) -> None:  # pragma: no cover - never run here
+        pass
+
+
 TABLE = task_table(ContractTask)
 PAIR = task_table(ContractPair)
+UUIDS = task_table(ContractUuid)
 
 
 @pytest.fixture
@@ -251,13 +263,16 @@ def test_a_finish_plan_is_built_once_and_fenced_by_its_parameters(
     assert statuses(engine) == {1: "PROCESSED", 2: "PROCESSED"}
 
 
-@pytest.mark.parametrize("table", [TABLE, PAIR], ids=["key", "composite key"])
+@pytest.mark.parametrize("table", [TABLE, PAIR, UUIDS], ids=["key", "composite key", "UUID key"])
 def test_a_finish_plan_writes_many_rows_in_one_statement_each_fenced_by_its_own_values(
     db: tuple[Engine, Dialect], table: Any
 ) -> None:
     engine, dialect = db
     if table is PAIR:
         add(engine, *({"a": i, "b": "x"} for i in range(1, 6)), table=PAIR)
+    elif table is UUIDS:
+        keys = sorted(uuid.uuid4() for _ in range(5))
+        add(engine, *({"id": k, "priority": i} for i, k in enumerate(keys)), table=UUIDS)
     else:
         add(engine, *({"id": i} for i in range(1, 6)))
     claims = claim(dialect, engine, limit=5, table=table)
