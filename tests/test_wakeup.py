@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -166,3 +167,32 @@ def test_a_sqlite_worker_in_the_same_process_is_woken_by_the_commit(eng: Engine)
         worker.stop(now=True)
     with Session(eng) as session:
         assert {t.status for t in session.scalars(select(CountTask))} == {Status.PROCESSED}
+
+
+_WOKEN_BY_SIGNALS = """
+import signal, time
+from alchq._wakeup import Waiter
+w = Waiter()
+signal.signal(signal.SIGALRM, lambda signum, frame: w.wake())
+signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    w.wait(0.001)
+signal.setitimer(signal.ITIMER_REAL, 0)
+print("done")
+"""
+
+
+def test_a_signal_handler_wakes_the_waiting_worker_without_a_deadlock() -> None:
+    """Signals land between two bytecodes of the waiting main thread, maybe while it
+    holds a lock of its own wait: waking it from the handler must never wait for
+    that lock (a SIGTERM that an idle worker never heard)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WOKEN_BY_SIGNALS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=worker_env(),
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]

@@ -9,7 +9,9 @@ tasks committed anywhere (see alchq._notify).
 from __future__ import annotations
 
 import contextlib
-import threading
+import os
+import select
+import weakref
 from collections.abc import Iterator, Sequence
 
 from sqlalchemy import Engine
@@ -19,20 +21,34 @@ from alchq._dialects import Dialect
 
 
 class Waiter:
-    """Where one worker sleeps while it has nothing to do."""
+    """Where one worker sleeps while it has nothing to do.
+
+    A pipe, not a ``threading.Event``: a signal handler runs in the main thread
+    between two bytecodes, possibly while that thread holds an Event's lock
+    inside its own ``wait()``; ``set()`` from the handler then waits for that
+    lock for ever (seen once in CI: a SIGTERM that an idle worker never heard).
+    A byte written to a pipe takes no lock.
+    """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        weakref.finalize(self, _close, self._read, self._write)
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds; True if woken before that."""
-        woken = self._event.wait(timeout)
-        self._event.clear()
-        return woken
+        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout))
+        woken = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                woken = True
+        return woken or bool(ready)
 
     def wake(self) -> None:
         """End the current (or the next) wait at once (thread- and signal-safe)."""
-        self._event.set()
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending already
+            os.write(self._write, b"!")
 
     @contextlib.contextmanager
     def woken_by_new_tasks(
@@ -57,3 +73,9 @@ class Waiter:
             for listener in listeners:
                 listener.close()
             _notify.unsubscribe(keys, self)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
