@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from alchq._binds import Binds
-from alchq._dialects import Claim, ClaimPlan
+from alchq._dialects import Claim, ClaimPlan, claim_sort_key
 from alchq._transitions import bump, claim_order, claim_values, ready
 from alchq.config import Settings
 from alchq.model import BaseQueue, rows_of, task_table
@@ -144,12 +144,7 @@ class Claimer:
         keys = [mapper.get_property_by_column(col).key for col in claim_order(table)]
         token = mapper.get_property_by_column(table.c.alchq_attempts).key
 
-        def order(task: BaseQueue) -> list[tuple[bool, str, Any]]:
-            # Values of different types (SQLite's dynamic typing) sort apart.
-            values = [getattr(task, k) for k in keys]
-            return [(v is None, type(v).__name__, v) for v in values]
-
-        tasks.sort(key=order)
+        tasks.sort(key=lambda task: claim_sort_key([getattr(task, k) for k in keys]))
         claims = []
         loaded: dict[Any, BaseQueue] = {}
         for task in tasks:

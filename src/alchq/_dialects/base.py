@@ -195,10 +195,13 @@ class FinishPlan:
             .values(values)
         )
 
+    def row_values(self, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> list[tuple[Any, ...]]:
+        """Each row's key and fence values, in :meth:`many_statement`'s column order."""
+        return [(*claim.pk, *(fenced[name] for name in self._fence)) for claim, fenced in rows]
+
     def many_params(self, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> dict[str, Any]:
         keys = [claim.pk if self._pk > 1 else claim.pk[0] for claim, _ in rows]
-        every = [(*claim.pk, *(fenced[name] for name in self._fence)) for claim, fenced in rows]
-        return {"alchq_keys": keys, "alchq_rows": every}
+        return {"alchq_keys": keys, "alchq_rows": self.row_values(rows)}
 
     def _params(self, claim: Claim, fenced: dict[str, Any]) -> dict[str, Any]:
         params = {f"alchq_pk{i}": v for i, v in enumerate(claim.pk)}
@@ -217,14 +220,10 @@ class FinishPlan:
         return int(conn.execute(self._many, self.many_params(rows)).rowcount)
 
 
-def _sort_key(start: int) -> Callable[[Any], list[tuple[bool, str, Any]]]:
-    """Sorts rows by their values from ``start`` on: NULLs last, and values of
+def claim_sort_key(values: Sequence[Any]) -> list[tuple[bool, str, Any]]:
+    """Sorts claimed rows by their claim-order values: NULLs last, and values of
     different types (SQLite's dynamic typing) apart rather than compared."""
-
-    def key(row: Any) -> list[tuple[bool, str, Any]]:
-        return [(v is None, type(v).__name__, v) for v in row[start:]]
-
-    return key
+    return [(v is None, type(v).__name__, v) for v in values]
 
 
 class Dialect:
@@ -404,7 +403,7 @@ class Dialect:
             def returning(conn: Connection) -> list[Claim]:
                 rows = list(conn.execute(stmt).all())
                 if len(rows) > 1:
-                    rows.sort(key=_sort_key(n + 1))
+                    rows.sort(key=lambda row: claim_sort_key(row[n + 1 :]))
                 return [Claim(tuple(row[:n]), int(row[n])) for row in rows]
 
             return ClaimPlan(returning, claim)

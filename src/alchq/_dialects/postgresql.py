@@ -129,8 +129,8 @@ class ArrayFinishPlan(FinishPlan):
         return update(table).where(key).where(every).values(values)
 
     def many_params(self, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> dict[str, Any]:
-        columns = [[*claim.pk, *(fenced[name] for name in self._fence)] for claim, fenced in rows]
-        return {f"alchq_a{i}": list(column) for i, column in enumerate(zip(*columns, strict=True))}
+        columns = zip(*self.row_values(rows), strict=True)
+        return {f"alchq_a{i}": list(column) for i, column in enumerate(columns)}
 
 
 class PostgreSQLDialect(Dialect):

@@ -71,7 +71,7 @@ class JsonFinishPlan(FinishPlan):
         self._json = update(table).where(key).where(every).values(values)
 
     def many(self, conn: Connection, rows: Sequence[tuple[Claim, dict[str, Any]]]) -> int:
-        values = [[*claim.pk, *(fenced[name] for name in self._fence)] for claim, fenced in rows]
+        values = self.row_values(rows)
         if not rows or not all(_json_plain(v) for row in values for v in row):
             return super().many(conn, rows)
         return int(conn.execute(self._json, {"alchq_rows": json.dumps(values)}).rowcount)
