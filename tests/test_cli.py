@@ -305,7 +305,7 @@ def test_burst_on_an_empty_queue_exits_zero(engine: Engine, db_url: str) -> None
 
 def test_create_tables_then_run(engine: Engine, db_url: str) -> None:
     proc = ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", db_url))
-    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers, alchq_progress"
     insp = inspect(engine)
     assert insp.has_table("count_task")
     assert "ix_count_task_alchq_ready" in {ix["name"] for ix in insp.get_indexes("count_task")}
@@ -328,7 +328,9 @@ def test_create_tables_of_several_models(engine: Engine, db_url: str) -> None:
             db_url,
         )
     )
-    assert proc.stdout.strip() == "created (if missing): parent, child, alchq_workers"
+    assert (
+        proc.stdout.strip() == "created (if missing): parent, child, alchq_workers, alchq_progress"
+    )
     insp = inspect(engine)
     assert insp.has_table("parent") and insp.has_table("child")
     assert not insp.has_table("count_task")
@@ -527,7 +529,7 @@ def test_flask_run_burst(engine: Engine, db_url: str) -> None:
 def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> None:
     metadata.create_all(engine, tables=[run_log])
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskTask"))
-    assert proc.stdout.strip() == "created (if missing): flask_task, alchq_workers"
+    assert proc.stdout.strip() == "created (if missing): flask_task, alchq_workers, alchq_progress"
     with engine.begin() as conn:
         conn.execute(insert(flask_table), [{"note": None}, {"note": None}])
 
@@ -544,7 +546,10 @@ def test_flask_worker_runs_tasks_in_db_session(engine: Engine, db_url: str) -> N
 
 def test_flask_worker_creates_and_runs_periodic_tasks(engine: Engine, db_url: str) -> None:
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.flask_app:FlaskPeriodic"))
-    assert proc.stdout.strip() == "created (if missing): flask_periodic, alchq_workers, alchq_ticks"
+    assert (
+        proc.stdout.strip()
+        == "created (if missing): flask_periodic, alchq_workers, alchq_progress, alchq_ticks"
+    )
     worker_proc = subprocess.Popen(
         flask_command(
             "tests.flask_app",
@@ -582,7 +587,7 @@ def test_flask_worker_creates_and_runs_periodic_tasks(engine: Engine, db_url: st
 
 def test_flask_create_tables(engine: Engine, db_url: str) -> None:
     proc = ok(flask(db_url, "alchq", "create-tables", "tests.tasks:CountTask"))
-    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers, alchq_progress"
     assert inspect(engine).has_table("count_task")
 
     run_log.create(engine)
@@ -706,7 +711,7 @@ def test_postgres_url_without_a_driver_uses_psycopg(pg_url: str, scheme: str) ->
     url = real.set(drivername=scheme, password="s3cret").render_as_string(hide_password=False)
     assert url.startswith(f"{scheme}://postgres:s3cret@")
     proc = ok(alchq("create-tables", "tests.tasks:CountTask", "--database-url", url))
-    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers, alchq_progress"
     engine = create_engine(pg_url)
     try:
         run_log.create(engine)
@@ -789,7 +794,7 @@ def test_relative_sqlite_path_is_read_from_the_current_directory(
 def test_create_tables_creates_the_sqlite_file_then_run_uses_it(tmp_path: Path) -> None:
     url = "sqlite:///new.sqlite"  # relative: in the current directory
     proc = ok(alchq_in(tmp_path, "create-tables", "tests.tasks:CountTask", "--database-url", url))
-    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers"
+    assert proc.stdout.strip() == "created (if missing): count_task, alchq_workers, alchq_progress"
     assert (tmp_path / "new.sqlite").is_file()
 
     proc = ok(alchq_in(tmp_path, "run", "tests.tasks:CountTask", "--database-url", url, "--burst"))

@@ -24,6 +24,8 @@ from alchq.exceptions import (
     TableMissingError,
     TaskDefinitionError,
     TaskFailure,
+    TaskNotFoundError,
+    TaskStateError,
     TaskTimeoutError,
     WorkerLostError,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "TableMissingError",
     "TaskDefinitionError",
     "TaskFailure",
+    "TaskNotFoundError",
+    "TaskStateError",
     "TaskTimeoutError",
     "WorkerLostError",
     "UTCDateTime",

@@ -20,7 +20,14 @@ from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line, fix_userinfo, mask_urls_in, remember_secrets, safe_url
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError, DatabaseError
-from alchq.model import BaseQueue, Status, task_table, ticks_table, workers_table
+from alchq.model import (
+    BaseQueue,
+    Status,
+    progress_table,
+    task_table,
+    ticks_table,
+    workers_table,
+)
 from alchq.worker import Worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -331,7 +338,9 @@ def create_tables(models: Sequence[type[BaseQueue]], engine: Engine) -> list[str
     """Create the tables (and indexes) of ``models`` that do not exist yet."""
     tables = [task_table(m) for m in models]
     for model in models:
-        extra = [workers_table(task_table(model).metadata)]  # the worker registry
+        metadata = task_table(model).metadata
+        # The worker registry, and running tasks' progress.
+        extra = [workers_table(metadata), progress_table(metadata)]
         if model.alchq_periodic:  # the scheduler's table comes with the model
             extra.append(ticks_table(task_table(model).metadata))
         tables.extend(t for t in extra if t not in tables)

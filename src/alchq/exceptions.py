@@ -7,7 +7,9 @@
     │   ├── TaskDefinitionError    a model class is not a usable task
     │   ├── ImportTargetError      "module:Class" could not be imported
     │   └── NoDatabaseError        the worker was given no way to reach a database
-    ├── CancelError                cancel() of a task that is not PENDING
+    ├── TaskStateError             an action the task's status does not allow
+    │   └── CancelError            cancel() of a task that is not PENDING
+    ├── TaskNotFoundError          no task has the key given
     ├── DatabaseError              the database must be fixed (operator acts)
     │   ├── DatabaseUnreachableError
     │   └── TableMissingError
@@ -42,7 +44,15 @@ class NoDatabaseError(ConfigurationError):
     """The worker has no session factory, engine or Flask-SQLAlchemy app."""
 
 
-class CancelError(AlchqError):
+class TaskStateError(AlchqError):
+    """The task's status does not allow the action (retry a running task, delete one...)."""
+
+
+class TaskNotFoundError(AlchqError, LookupError):
+    """No task of the model has the key given (or the key is not one of its keys)."""
+
+
+class CancelError(TaskStateError):
     """Only a PENDING task can be cancelled; this one is running or finished."""
 
 

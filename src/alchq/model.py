@@ -12,6 +12,7 @@ Two forms work::
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Enum,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -55,6 +57,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import set_committed_value
 
+from alchq import _progress
 from alchq._dialects import dialect_for, ready_index_kwargs, utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq._notify import note_insert
@@ -520,6 +523,26 @@ class BaseQueue:
         if self in session:  # a task of another session (or detached) cannot be expired here
             session.expire(self, ["alchq_finished_at", "time_updated", "alchq_lease_until"])
 
+    def alchq_progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        """Say how far ``run()`` is, while it runs: visible to the app before run() ends.
+
+        ``fraction`` is from 0 to 1 (0.42 is 42%; None: not known), ``message``
+        a short text (cut at 255 characters). Example::
+
+            def run(self):
+                for i, page in enumerate(pages):
+                    export(page)
+                    self.alchq_progress((i + 1) / len(pages), f"page {i + 1} of {len(pages)}")
+
+        Cheap to call in a tight loop: it only notes the value; the worker
+        writes the latest one on a connection of its own about once a second
+        (and once more when run() ends), so it never waits on run()'s own
+        transaction. Read it with :func:`alchq.monitoring.progress`. Outside a
+        worker (run() called by hand) it does nothing.
+        """
+        fraction, message = _progress.checked(fraction, message)
+        _progress.report(self, fraction, message)
+
     def run(self) -> None:
         """Do the task. Override this; the worker calls it once per claim."""
         raise NotImplementedError(f"{type(self).__name__} must define run()")
@@ -559,6 +582,7 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     if getattr(cls, "alchq_periodic", None):
         ticks_table(table.metadata)
     workers_table(table.metadata)
+    progress_table(table.metadata)
     add_queue_schema(table)
 
 
@@ -696,6 +720,41 @@ def workers_table(metadata: MetaData) -> Table:
         Column("in_hand", Integer, server_default="0", nullable=False),
         PrimaryKeyConstraint("id", name="pk_alchq_workers"),
     )
+
+
+def progress_table(metadata: MetaData) -> Table:
+    """Progress reported by running tasks, and cancel requests for them (one per metadata).
+
+    A row per task that reported progress (or was asked to stop), keyed by its
+    table and its key as text. Kept apart from the task's row: run()'s own
+    transaction may hold that row's lock, and a progress write must never wait
+    for it. ``attempt`` is the claim it belongs to (the task's ``alchq_attempts``):
+    a later attempt's readers ignore an earlier attempt's progress.
+    """
+    key = f"{metadata.schema}.alchq_progress" if metadata.schema else "alchq_progress"
+    existing = metadata.tables.get(key)
+    if existing is not None:
+        return existing
+    return Table(
+        "alchq_progress",
+        metadata,
+        Column("task_table", String(255), nullable=False),
+        Column("task_key", String(255), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("worker", String(255), nullable=True),
+        Column("fraction", Float, nullable=True),
+        Column("message", String(_progress.MESSAGE_LENGTH), nullable=True),
+        Column("updated_at", UTCDateTime(), server_default=utc_now(), nullable=False),
+        Column("cancel_requested_at", UTCDateTime(), nullable=True),
+        PrimaryKeyConstraint("task_table", "task_key", name="pk_alchq_progress"),
+    )
+
+
+def key_text(pk: Sequence[Any]) -> str:
+    """A task's primary key as text: ``42``, or a JSON list for a composite key."""
+    if len(pk) == 1:
+        return str(pk[0])
+    return json.dumps([v if isinstance(v, (int, str)) else str(v) for v in pk])
 
 
 def _check_name(table: Table, name: str) -> str:

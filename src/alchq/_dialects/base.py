@@ -16,9 +16,13 @@ from sqlalchemy import (
     Engine,
     Float,
     FunctionElement,
+    Integer,
     bindparam,
+    cast,
     delete,
     event,
+    extract,
+    func,
     select,
     tuple_,
     type_coerce,
@@ -475,6 +479,11 @@ class Dialect:
         return stmt.on_conflict_do_nothing(  # type: ignore[attr-defined,no-any-return]
             index_elements=list(index_elements), index_where=index_where
         )
+
+    def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
+        """SQL: the whole minutes from 1970 to ``moment`` (a UTCDateTime column), for
+        counting finished tasks per minute in the database."""
+        return cast(func.floor(extract("epoch", moment) / 60), Integer)
 
     def delete_batch(
         self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int

@@ -8,7 +8,22 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, String, Table, bindparam, func, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    cast,
+    extract,
+    func,
+    select,
+    tuple_,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import OperationalError
 
@@ -126,6 +141,11 @@ class SQLiteDialect(Dialect):
             yield
         finally:
             conn.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
+        # Whole seconds from strftime('%s'), then SQLite's integer division (its
+        # floor() exists only in builds with the math functions).
+        return type_coerce(cast(extract("epoch", moment), Integer) / 60, Integer)
 
     def prepare_engine(self, engine: Engine) -> None:
         on_connect(engine, _set_busy_timeout)

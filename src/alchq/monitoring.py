@@ -1,0 +1,857 @@
+"""The queue's state and the operator's actions, as plain Python (no web framework).
+
+Every function takes a SQLAlchemy :class:`~sqlalchemy.orm.Session` (Flask-SQLAlchemy's
+``db.session`` works) and a task model; usable from a script, a view of any
+framework or a notebook::
+
+    from alchq import monitoring
+
+    stats = monitoring.queue_stats(session, Report)
+    stats.counts["PENDING"], stats.ready, stats.oldest_ready_age, stats.run_time_p95
+    monitoring.progress(session, Report, "42")          # Progress(fraction=0.42, ...)
+    monitoring.retry(session, Report, "42"); session.commit()
+    monitoring.bulk(session, Report, "retry", status="ERROR")   # commits per batch
+
+Reads are a few indexed queries (the same indexes the worker uses), cheap to
+call every few seconds on tables of millions of finished tasks. Task keys are
+text: ``"42"``, or a JSON list for a composite primary key (:func:`parse_key`).
+Actions flush but do not commit, except :func:`bulk`, which commits each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    and_,
+    case,
+    func,
+    inspect,
+    literal,
+    or_,
+    select,
+    tuple_,
+    type_coerce,
+    update,
+)
+from sqlalchemy import delete as sql_delete
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alchq._dialects import dialect_for, utc_now
+from alchq._dialects.types import UTCDateTime
+from alchq.exceptions import CancelError, TaskNotFoundError, TaskStateError
+from alchq.model import (
+    BaseQueue,
+    Status,
+    key_text,
+    progress_table,
+    queue_columns,
+    rows_of,
+    task_table,
+    workers_table,
+)
+
+__all__ = [
+    "MinuteCount",
+    "Progress",
+    "QueueStats",
+    "RunningTask",
+    "TaskDetail",
+    "TaskError",
+    "TaskPage",
+    "TaskSummary",
+    "WorkerInfo",
+    "bulk",
+    "cancel",
+    "delete",
+    "parse_key",
+    "progress",
+    "queue_stats",
+    "retry",
+    "task",
+    "tasks",
+    "workers",
+]
+
+#: The most recent runs that make the run-time figures (mean, p95).
+RUN_TIME_SAMPLE = 1000
+#: Errors and running tasks listed by :func:`queue_stats`.
+RECENT_ERRORS = 10
+RUNNING_SHOWN = 100
+#: Minutes of throughput history in :class:`QueueStats`.
+HISTORY_MINUTES = 60
+
+Action = Literal["retry", "cancel", "delete"]
+
+
+class _Data:
+    """JSON-ready ``as_dict()`` for the result classes (times as ISO 8601 text)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Data):
+        return value.as_dict()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # Decimal, UUID, bytes...: shown, not computed with
+
+
+@dataclass(frozen=True)
+class MinuteCount(_Data):
+    """Tasks finished in one minute: PROCESSED, and ERROR (failed for good)."""
+
+    minute: datetime
+    processed: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class TaskError(_Data):
+    key: str
+    error_type: str | None
+    message: str | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunningTask(_Data):
+    key: str
+    worker: str | None
+    started_at: datetime | None
+    attempt: int
+    progress: float | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats(_Data):
+    """One model's queue at a moment (the database's clock)."""
+
+    model: str
+    table: str
+    #: every Status value, 0 included
+    counts: dict[str, int]
+    #: PENDING and due now / due later (delayed, retrying, snoozed)
+    ready: int
+    scheduled: int
+    #: seconds the longest-waiting ready task has been due (None: none ready)
+    oldest_ready_age: float | None
+    #: the last hour, a minute each, oldest first
+    throughput: list[MinuteCount]
+    #: seconds per run over the last hour's most recent PROCESSED runs
+    run_time_mean: float | None
+    run_time_p95: float | None
+    recent_errors: list[TaskError]
+    running: list[RunningTask]
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Progress(_Data):
+    """What a running (or finished) task last said of its progress."""
+
+    fraction: float | None
+    message: str | None
+    updated_at: datetime
+    attempt: int
+    worker: str | None
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class TaskSummary(_Data):
+    key: str
+    status: str
+    priority: int
+    run_at: datetime | None
+    time_created: datetime | None
+    attempts: int
+    failures: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error_type: str | None
+    progress: float | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class TaskDetail(TaskSummary):
+    #: the model's own columns (not alchq's), by attribute name
+    columns: dict[str, Any]
+    error_message: str | None
+    traceback: str | None
+    lease_until: datetime | None
+    unique_key: str | None
+    lost_claims: int
+    time_updated: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskPage(_Data):
+    items: list[TaskSummary]
+    #: how many tasks match the filter, all pages together
+    total: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo(_Data):
+    id: str
+    host: str
+    pid: int
+    models: list[str]
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+    #: its heartbeat is fresh; gone workers' rows are deleted after an hour
+    alive: bool
+    in_hand: int
+    supervisor: str | None
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def queue_stats(session: Session, model: type[BaseQueue]) -> QueueStats:
+    """``model``'s queue now: counts, readiness, throughput, run times, errors, running tasks."""
+    conn = _connection(session, model)
+    table = task_table(model)
+    c = table.c
+    mine = rows_of(model)
+    now = _now(conn)
+    counts = {s.value: 0 for s in Status}
+    for status, n in conn.execute(select(c.status, func.count()).where(mine).group_by(c.status)):
+        counts[str(Status(status).value)] = int(n)
+
+    due = c.run_at <= now
+    pending = conn.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((due, 1), else_=0)), 0),
+            func.min(case((due, c.run_at))),
+        ).where(mine, c.status == Status.PENDING)
+    ).one()
+    oldest = pending[2]
+    if isinstance(oldest, str):  # SQLite: min() of text comes back untyped
+        oldest = datetime.fromisoformat(oldest)
+    oldest_age = None if oldest is None else max(0.0, (now - _aware(oldest)).total_seconds())
+
+    return QueueStats(
+        model=model.__name__,
+        table=table.name,
+        counts=counts,
+        ready=int(pending[1]),
+        scheduled=int(pending[0]) - int(pending[1]),
+        oldest_ready_age=oldest_age,
+        throughput=_throughput(conn, model, now),
+        **_run_times(conn, model, now),
+        recent_errors=[
+            TaskError(
+                key_text(_pk(table, r)),
+                r.alchq_error_type,
+                r.alchq_error_message,
+                r.alchq_finished_at,
+            )
+            for r in conn.execute(
+                select(
+                    *table.primary_key,
+                    c.alchq_error_type,
+                    c.alchq_error_message,
+                    c.alchq_finished_at,
+                )
+                .where(mine, c.status == Status.ERROR)
+                .order_by(c.alchq_finished_at.desc())
+                .limit(RECENT_ERRORS)
+            )
+        ],
+        running=_running(conn, model),
+        now=now,
+    )
+
+
+def _throughput(conn: Connection, model: type[BaseQueue], now: datetime) -> list[MinuteCount]:
+    table = task_table(model)
+    c = table.c
+    dialect = dialect_for(conn.engine)
+    first = math.floor(now.timestamp() / 60) - HISTORY_MINUTES + 1
+    start = datetime.fromtimestamp(first * 60, tz=now.tzinfo)
+    minute = dialect.epoch_minute(c.alchq_finished_at).label("minute")
+    found: dict[int, list[int]] = {}
+    rows = conn.execute(
+        select(minute, c.status, func.count())
+        # The finished-tasks index: (status, alchq_finished_at).
+        .where(
+            rows_of(model),
+            c.status.in_([Status.PROCESSED, Status.ERROR]),
+            c.alchq_finished_at >= type_coerce(start, UTCDateTime()),
+        )
+        .group_by(minute, c.status)
+    )
+    for m, status, n in rows:
+        slot = found.setdefault(int(m), [0, 0])
+        slot[0 if Status(status) is Status.PROCESSED else 1] += int(n)
+    return [
+        MinuteCount(
+            datetime.fromtimestamp((first + i) * 60, tz=now.tzinfo),
+            *found.get(first + i, [0, 0]),
+        )
+        for i in range(HISTORY_MINUTES)
+    ]
+
+
+def _run_times(conn: Connection, model: type[BaseQueue], now: datetime) -> dict[str, Any]:
+    c = task_table(model).c
+    since = type_coerce(now - timedelta(hours=1), UTCDateTime())
+    spans = [
+        (end - start).total_seconds()
+        for start, end in conn.execute(
+            select(c.alchq_started_at, c.alchq_finished_at)
+            .where(rows_of(model), c.status == Status.PROCESSED, c.alchq_finished_at >= since)
+            .order_by(c.alchq_finished_at.desc())
+            .limit(RUN_TIME_SAMPLE)
+        )
+        if start is not None and end is not None and end >= start
+    ]
+    if not spans:
+        return {"run_time_mean": None, "run_time_p95": None}
+    spans.sort()
+    # Nearest-rank percentile: a run time some run really took.
+    p95 = spans[min(len(spans) - 1, math.ceil(0.95 * len(spans)) - 1)]
+    return {"run_time_mean": sum(spans) / len(spans), "run_time_p95": p95}
+
+
+def _running(conn: Connection, model: type[BaseQueue]) -> list[RunningTask]:
+    table = task_table(model)
+    c = table.c
+    rows = conn.execute(
+        select(*table.primary_key, c.alchq_worker, c.alchq_started_at, c.alchq_attempts)
+        .where(rows_of(model), c.status == Status.PROCESSING)
+        .order_by(c.alchq_started_at)
+        .limit(RUNNING_SHOWN)
+    ).all()
+    keys = [(key_text(_pk(table, r)), r) for r in rows]
+    notes = _progress_of(conn, table, {k: int(r.alchq_attempts) for k, r in keys})
+    return [
+        RunningTask(
+            key=k,
+            worker=r.alchq_worker,
+            started_at=r.alchq_started_at,
+            attempt=int(r.alchq_attempts),
+            progress=notes[k].fraction if k in notes else None,
+            message=notes[k].message if k in notes else None,
+        )
+        for k, r in keys
+    ]
+
+
+def progress(session: Session, model: type[BaseQueue], key: Any) -> Progress | None:
+    """What the task last reported with ``alchq_progress()`` in its current (or last)
+    attempt; None if it reported nothing (or does not exist).
+
+    A web page polling a task's progress::
+
+        @app.get("/exports/<int:id>/progress")
+        def export_progress(id):
+            p = monitoring.progress(db.session, Export, id)
+            return {"percent": None if p is None or p.fraction is None else round(p.fraction * 100)}
+    """
+    conn = _connection(session, model)
+    table = task_table(model)
+    pk = _key_values(model, key)
+    attempts = conn.execute(
+        select(table.c.alchq_attempts).where(*_match(table, pk), rows_of(model))
+    ).scalar_one_or_none()
+    if attempts is None:
+        return None
+    text = key_text(pk)
+    return _progress_of(conn, table, {text: int(attempts)}).get(text)
+
+
+def _progress_of(conn: Connection, table: Table, attempts: dict[str, int]) -> dict[str, Progress]:
+    """Progress rows of ``table``'s tasks (key text → current attempt), current ones only."""
+    if not attempts:
+        return {}
+    notes = progress_table(table.metadata)
+    n = notes.c
+    found: dict[str, Progress] = {}
+    keys = list(attempts)
+    for i in range(0, len(keys), 500):
+        for row in conn.execute(
+            select(notes).where(n.task_table == table.name, n.task_key.in_(keys[i : i + 500]))
+        ):
+            if row.attempt == attempts[row.task_key]:
+                found[row.task_key] = Progress(
+                    fraction=row.fraction,
+                    message=row.message,
+                    updated_at=row.updated_at,
+                    attempt=int(row.attempt),
+                    worker=row.worker,
+                    cancel_requested=row.cancel_requested_at is not None,
+                )
+    return found
+
+
+def tasks(
+    session: Session,
+    model: type[BaseQueue],
+    *,
+    status: Status | str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> TaskPage:
+    """A page of ``model``'s tasks, optionally of one status.
+
+    Ordered as each status is best read (and indexed): PENDING in claim order,
+    PROCESSING by start, finished tasks newest first, all statuses by key, newest first.
+    """
+    conn = _connection(session, model)
+    table = task_table(model)
+    c = table.c
+    where: list[ColumnElement[bool]] = [rows_of(model)]
+    pk = list(table.primary_key)
+    order: list[Any]
+    if status is None:
+        order = [col.desc() for col in pk]
+    else:
+        state = _status(status)
+        where.append(c.status == state)
+        if state is Status.PENDING:
+            order = [c.priority, c.time_created, *pk]
+        elif state is Status.PROCESSING:
+            order = [c.alchq_started_at, *pk]
+        else:
+            order = [c.alchq_finished_at.desc(), *(col.desc() for col in pk)]
+    total = conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+    rows = conn.execute(
+        select(table).where(*where).order_by(*order).limit(max(0, limit)).offset(max(0, offset))
+    ).all()
+    notes = _progress_of(conn, table, {key_text(_pk(table, r)): r.alchq_attempts for r in rows})
+    return TaskPage([_summary(table, r, notes) for r in rows], int(total))
+
+
+def task(session: Session, model: type[BaseQueue], key: Any) -> TaskDetail | None:
+    """One task, all its columns and its bookkeeping; None if there is no such task."""
+    conn = _connection(session, model)
+    table = task_table(model)
+    pk = _key_values(model, key)
+    row = conn.execute(select(table).where(*_match(table, pk), rows_of(model))).first()
+    if row is None:
+        return None
+    notes = _progress_of(conn, table, {key_text(pk): int(row.alchq_attempts)})
+    summary = _summary(table, row, notes)
+    own = {col.name for col in queue_columns()}
+    mapper = inspect(model)
+    columns = {
+        attr.key: row._mapping[attr.columns[0]]  # noqa: SLF001 - Row's public API
+        for attr in mapper.column_attrs
+        if attr.key not in own and attr.columns[0].table is table
+    }
+    return TaskDetail(
+        **{f.name: getattr(summary, f.name) for f in fields(TaskSummary)},
+        columns=columns,
+        error_message=row.alchq_error_message,
+        traceback=row.alchq_traceback,
+        lease_until=row.alchq_lease_until,
+        unique_key=row.unique_key,
+        lost_claims=int(row.alchq_lost_claims),
+        time_updated=row.time_updated,
+    )
+
+
+def workers(
+    session: Session, models: Iterable[type[BaseQueue]], *, include_gone: bool = True
+) -> list[WorkerInfo]:
+    """The workers registered where ``models`` live, alive first, newest first.
+
+    A worker is alive while its heartbeat renews its row; a worker that stopped
+    cleanly has removed its row; a killed one shows as gone until rescuers
+    forget it (an hour after its last heartbeat).
+    """
+    seen: set[tuple[Any, str]] = set()
+    found: dict[str, WorkerInfo] = {}
+    for model in models:
+        conn = _connection(session, model)
+        table = workers_table(task_table(model).metadata)
+        if (conn.engine, table.fullname) in seen:
+            continue
+        seen.add((conn.engine, table.fullname))
+        w = table.c
+        alive = (w.expires_at >= utc_now()).label("alive")
+        query = select(table, alive)
+        if not include_gone:
+            query = query.where(w.expires_at >= utc_now())
+        for row in conn.execute(query):
+            found.setdefault(
+                row.id,
+                WorkerInfo(
+                    id=row.id,
+                    host=row.host,
+                    pid=int(row.pid),
+                    models=[m.strip() for m in str(row.models).split(",") if m.strip()],
+                    version=row.version,
+                    started_at=row.started_at,
+                    heartbeat_at=row.heartbeat_at,
+                    alive=bool(row.alive),
+                    in_hand=int(row.in_hand),
+                    supervisor=row.supervisor,
+                ),
+            )
+    return sorted(found.values(), key=lambda w: (not w.alive, -w.started_at.timestamp(), w.id))
+
+
+# -- acting ----------------------------------------------------------------------------
+
+
+def retry(session: Session, model: type[BaseQueue], key: Any) -> None:
+    """Make an ERROR (or CANCELLED) task PENDING again, due now. Not committed.
+
+    Its counters stay (``alchq_attempts`` keeps counting claims, ``alchq_failures``
+    failed runs); a retry policy counts on from them.
+    """
+    conn = _connection(session, model)
+    table = task_table(model)
+    pk = _key_values(model, key)
+    done = _retry_where(conn, model, _match(table, pk))
+    if done != 1:
+        status = _status_of(conn, model, pk)
+        raise TaskStateError(
+            f"{model.__name__} {key_text(pk)} is {status}: only an ERROR or CANCELLED task "
+            "can be retried"
+        )
+
+
+def _retry_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
+    table = task_table(model)
+    c = table.c
+    try:
+        with conn.begin_nested():
+            return int(
+                conn.execute(
+                    update(table)
+                    .where(*where, rows_of(model), c.status.in_([Status.ERROR, Status.CANCELLED]))
+                    .values(
+                        status=Status.PENDING,
+                        run_at=utc_now(),
+                        time_updated=utc_now(),
+                        alchq_finished_at=None,
+                        alchq_lease_until=None,
+                    )
+                ).rowcount
+            )
+    except IntegrityError as exc:
+        raise TaskStateError(
+            f"{model.__name__}: cannot retry: a PENDING or PROCESSING task already has "
+            "the same unique_key"
+        ) from exc
+
+
+def cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
+    """Cancel a task: a PENDING one ends CANCELLED at once; a PROCESSING one is asked
+    to stop (its worker interrupts run() within about a second, rolls back its
+    writes and ends it CANCELLED). Returns the status now (CANCELLED, or PROCESSING
+    while the request is on its way). Not committed. A finished task raises
+    :class:`alchq.CancelError` (a CANCELLED one is left as it is).
+    """
+    conn = _connection(session, model)
+    table = task_table(model)
+    pk = _key_values(model, key)
+    if _cancel_pending(conn, model, _match(table, pk)) == 1:
+        return Status.CANCELLED
+    row = conn.execute(
+        select(table.c.status, table.c.alchq_attempts).where(*_match(table, pk), rows_of(model))
+    ).first()
+    if row is None:
+        raise TaskNotFoundError(f"{model.__name__} {key_text(pk)} does not exist")
+    status = Status(row.status)
+    if status is Status.CANCELLED:
+        return status
+    if status is not Status.PROCESSING:
+        raise CancelError(
+            f"{model.__name__} {key_text(pk)} is {status}: only a PENDING or PROCESSING "
+            "task can be cancelled"
+        )
+    _request_cancel(conn, table, key_text(pk), int(row.alchq_attempts))
+    return Status.PROCESSING
+
+
+def _cancel_pending(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
+    table = task_table(model)
+    c = table.c
+    return int(
+        conn.execute(
+            update(table)
+            .where(*where, rows_of(model), c.status == Status.PENDING)
+            .values(
+                status=Status.CANCELLED,
+                alchq_finished_at=utc_now(),
+                alchq_lease_until=None,
+                time_updated=utc_now(),
+            )
+        ).rowcount
+    )
+
+
+def _request_cancel(conn: Connection, table: Table, key: str, attempt: int) -> None:
+    """Mark the running attempt's progress row: its worker stops run() when it sees it."""
+    notes = progress_table(table.metadata)
+    n = notes.c
+    mine = and_(n.task_table == table.name, n.task_key == key)
+    changed = conn.execute(
+        update(notes)
+        .where(mine)
+        .values(
+            cancel_requested_at=utc_now(),
+            # A row left by an earlier attempt now belongs to this one, blank.
+            fraction=case((n.attempt == attempt, n.fraction)),
+            message=case((n.attempt == attempt, n.message)),
+            attempt=attempt,
+        )
+    ).rowcount
+    if changed:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                notes.insert().values(
+                    task_table=table.name,
+                    task_key=key,
+                    attempt=attempt,
+                    updated_at=utc_now(),
+                    cancel_requested_at=utc_now(),
+                )
+            )
+    except IntegrityError:  # its worker wrote its first progress meanwhile
+        conn.execute(update(notes).where(mine).values(cancel_requested_at=utc_now()))
+
+
+def delete(session: Session, model: type[BaseQueue], key: Any) -> None:
+    """Delete a task that is not running (cancel a running one first). Not committed."""
+    conn = _connection(session, model)
+    table = task_table(model)
+    pk = _key_values(model, key)
+    done = _delete_where(conn, model, _match(table, pk))
+    if done != 1:
+        status = _status_of(conn, model, pk)
+        raise TaskStateError(
+            f"{model.__name__} {key_text(pk)} is {status}: a running task cannot be "
+            "deleted (cancel it first)"
+        )
+
+
+def _delete_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
+    table = task_table(model)
+    c = table.c
+    keys = [
+        key_text(_pk(table, r))
+        for r in conn.execute(
+            select(*table.primary_key).where(*where, rows_of(model), c.status != Status.PROCESSING)
+        )
+    ]
+    if not keys:
+        return 0
+    done = conn.execute(
+        sql_delete(table).where(*where, rows_of(model), c.status != Status.PROCESSING)
+    ).rowcount
+    notes = progress_table(table.metadata)
+    conn.execute(
+        sql_delete(notes).where(notes.c.task_table == table.name, notes.c.task_key.in_(keys))
+    )
+    return int(done)
+
+
+def bulk(
+    session: Session,
+    model: type[BaseQueue],
+    action: Action,
+    *,
+    status: Status | str | None = None,
+    since: datetime | timedelta | None = None,
+    batch_size: int = 500,
+) -> int:
+    """Retry, cancel or delete every task of ``model`` that the filter matches, in batches.
+
+    Each batch is its own transaction (committed here), so a large bulk action
+    never holds many locks for long. ``status`` filters by status (default: every
+    task the action applies to); ``since``: finished (or, for PENDING tasks,
+    created) at or after it, a datetime or a timedelta back from now. Returns how
+    many tasks it changed; running tasks asked to stop count as changed.
+    """
+    if action not in ("retry", "cancel", "delete"):
+        raise ValueError(f"unknown action {action!r}: retry, cancel or delete")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number, 1 or more, got {batch_size!r}")
+    table = task_table(model)
+    c = table.c
+    pk = list(table.primary_key)
+    where: list[ColumnElement[bool]] = [rows_of(model)]
+    if status is not None:
+        where.append(c.status == _status(status))
+    if since is not None:
+        conn = _connection(session, model)
+        moment = _now(conn) - since if isinstance(since, timedelta) else since
+        at = type_coerce(moment, UTCDateTime())
+        where.append(
+            or_(
+                c.alchq_finished_at >= at, and_(c.alchq_finished_at.is_(None), c.time_created >= at)
+            )
+        )
+    changed = 0
+    last: tuple[Any, ...] | None = None
+    while True:
+        conn = _connection(session, model)
+        page = select(*pk).where(*where).order_by(*pk).limit(batch_size)
+        if last is not None:
+            page = page.where(tuple_(*pk) > tuple_(*(literal(v) for v in last)))
+        keys = [tuple(r) for r in conn.execute(page)]
+        if not keys:
+            break
+        last = keys[-1]
+        chosen = [tuple_(*pk).in_(keys)] if len(pk) > 1 else [pk[0].in_([k[0] for k in keys])]
+        if action == "retry":
+            changed += _retry_where(conn, model, chosen)
+        elif action == "delete":
+            changed += _delete_where(conn, model, chosen)
+        else:
+            changed += _cancel_pending(conn, model, chosen)
+            for row in conn.execute(
+                select(*pk, c.alchq_attempts).where(*chosen, c.status == Status.PROCESSING)
+            ):
+                _request_cancel(conn, table, key_text(tuple(row)[:-1]), int(row.alchq_attempts))
+                changed += 1
+        session.commit()
+    return changed
+
+
+# -- keys and helpers -------------------------------------------------------------------
+
+
+def parse_key(model: type[BaseQueue], text: str) -> tuple[Any, ...]:
+    """A task key given as text (``"42"``; ``'[1, "a"]'`` when composite) as column values."""
+    return _key_values(model, text)
+
+
+def _key_values(model: type[BaseQueue], key: Any) -> tuple[Any, ...]:
+    columns = list(task_table(model).primary_key)
+    if isinstance(key, BaseQueue):
+        ident = inspect(key).identity
+        if ident is None:
+            raise TaskNotFoundError(f"{key!r} was never saved")
+        return tuple(ident)
+    if isinstance(key, tuple):
+        values = list(key)
+    elif len(columns) == 1:
+        values = [key]
+    else:
+        try:
+            values = json.loads(key) if isinstance(key, str) else list(key)
+        except (ValueError, TypeError):
+            values = []
+        if not isinstance(values, list):
+            values = []
+    if len(values) != len(columns):
+        raise TaskNotFoundError(
+            f"{model.__name__}: {key!r} is not a key of this model "
+            f"({len(columns)} column{'s' if len(columns) > 1 else ''}: "
+            f"{', '.join(c.name for c in columns)})"
+        )
+    return tuple(_typed(model, col, v) for col, v in zip(columns, values, strict=True))
+
+
+def _typed(model: type[BaseQueue], column: Any, value: Any) -> Any:
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return value
+    if isinstance(value, kind):
+        return value
+    try:
+        if kind is int and not isinstance(value, bool):
+            return int(str(value).strip())
+        if kind is uuid.UUID:
+            return uuid.UUID(str(value))
+        if kind is str:
+            return str(value)
+    except ValueError:
+        raise TaskNotFoundError(
+            f"{model.__name__}: {value!r} is not a valid {column.name} ({kind.__name__})"
+        ) from None
+    return value
+
+
+def _match(table: Table, pk: Sequence[Any]) -> list[ColumnElement[bool]]:
+    return [col == v for col, v in zip(table.primary_key, pk, strict=True)]
+
+
+def _pk(table: Table, row: Any) -> tuple[Any, ...]:
+    return tuple(row._mapping[col] for col in table.primary_key)  # noqa: SLF001 - public API
+
+
+def _status(value: Status | str) -> Status:
+    try:
+        return Status(str(value).upper())
+    except ValueError:
+        raise ValueError(
+            f"unknown status {value!r}: one of {', '.join(s.value for s in Status)}"
+        ) from None
+
+
+def _status_of(conn: Connection, model: type[BaseQueue], pk: Sequence[Any]) -> str:
+    table = task_table(model)
+    status = conn.execute(
+        select(table.c.status).where(*_match(table, pk), rows_of(model))
+    ).scalar_one_or_none()
+    if status is None:
+        raise TaskNotFoundError(f"{model.__name__} {key_text(pk)} does not exist")
+    return str(Status(status).value)
+
+
+def _summary(table: Table, row: Any, notes: dict[str, Progress]) -> TaskSummary:
+    key = key_text(_pk(table, row))
+    note = notes.get(key)
+    return TaskSummary(
+        key=key,
+        status=str(Status(row.status).value),
+        priority=int(row.priority),
+        run_at=row.run_at,
+        time_created=row.time_created,
+        attempts=int(row.alchq_attempts),
+        failures=int(row.alchq_failures),
+        worker=row.alchq_worker,
+        started_at=row.alchq_started_at,
+        finished_at=row.alchq_finished_at,
+        error_type=row.alchq_error_type,
+        progress=note.fraction if note else None,
+        message=note.message if note else None,
+    )
+
+
+def _connection(session: Session, model: type[BaseQueue]) -> Connection:
+    return session.connection(bind_arguments={"mapper": inspect(model)})
+
+
+def _now(conn: Connection) -> datetime:
+    now: datetime = conn.execute(select(type_coerce(utc_now(), UTCDateTime()))).scalar_one()
+    return now
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
