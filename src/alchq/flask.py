@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from flask import Flask
@@ -41,6 +41,9 @@ from alchq._pool import CONCURRENCY_ENV, POOLS, error_status, run_pool
 from alchq._sessions import flask_app, flask_db
 from alchq.exceptions import AlchqError, NoDatabaseError
 from alchq.model import BaseQueue
+
+if TYPE_CHECKING:
+    from alchq.dashboard import Dashboard
 
 __all__ = ["Alchq", "cli"]
 
@@ -214,17 +217,22 @@ def prune_command(
 
 
 class Alchq:
-    """Flask extension: registers the ``flask alchq`` commands.
+    """Flask extension: registers the ``flask alchq`` commands, and mounts a dashboard.
 
     :param app: the Flask app, or None to call :meth:`init_app` later.
+    :param dashboard: an :class:`alchq.dashboard.Dashboard` to mount on the app
+        (its blueprint is registered by :meth:`init_app`).
 
     Example::
 
         db = SQLAlchemy(app)
         Alchq(app)
+        # with the dashboard at /alchq:
+        Alchq(app, dashboard=Dashboard(can_read=is_staff, can_act=is_admin))
     """
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, dashboard: Dashboard | None = None) -> None:
+        self.dashboard = dashboard
         if app is not None:
             self.init_app(app)
 
@@ -232,3 +240,5 @@ class Alchq:
         app.extensions["alchq"] = self
         if "alchq" not in app.cli.commands:
             app.cli.add_command(cli)
+        if self.dashboard is not None:
+            self.dashboard.init_app(app)
