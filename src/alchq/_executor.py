@@ -26,13 +26,14 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from alchq import _text
+from alchq import _progress, _text
 from alchq._binds import Binds
 from alchq._held import Held, WorkerShutdown
 from alchq._outcome import PROCESSED, Kind, Outcome, Ran, failed, lost_connection
+from alchq._reporter import Reporter
 from alchq._tracking import RunWatch
 from alchq.config import Settings
-from alchq.exceptions import TaskFailure, TaskTimeoutError
+from alchq.exceptions import TaskCancelled, TaskFailure, TaskTimeoutError
 from alchq.model import MAX_COUNTER, BaseQueue, task_table
 
 logger = logging.getLogger("alchq.worker")
@@ -42,10 +43,16 @@ class Executor:
     """Runs tasks in the sessions it is given."""
 
     def __init__(
-        self, binds: Binds, settings: Settings, commit_early: Callable[[Held, str], None]
+        self,
+        binds: Binds,
+        settings: Settings,
+        commit_early: Callable[[Held, str], None],
+        reporter: Reporter | None = None,
     ) -> None:
         self.binds = binds
         self.settings = settings
+        #: Where run()'s alchq_progress() goes; it also looks for cancel requests.
+        self.reporter = reporter
         #: The recorder's: commit the batch now; the model's tasks no longer share
         #: transactions (held, why).
         self.commit_early = commit_early
@@ -136,7 +143,12 @@ class Executor:
             try:
                 try:
                     held.watch, held.in_run = watch, True
-                    task.run()
+                    if self.reporter is None:
+                        task.run()
+                    else:
+                        self.reporter.begin(held)
+                        with _progress.reporting_to(self.reporter):
+                            task.run()
                 finally:
                     held.in_run, held.watch = False, None
                     ended = batched and not _same_transaction(self._current(session), session, root)
@@ -154,13 +166,20 @@ class Executor:
                     # failed on the connection it interrupted (PostgreSQL: "another
                     # command is already in progress"): that is the outcome.
                     raised = interruption(exc) or exc
-                if isinstance(raised, (TaskTimeoutError, WorkerShutdown)):
+                if isinstance(raised, (TaskTimeoutError, WorkerShutdown, TaskCancelled)):
                     # Interrupted, maybe inside a query: the connection's state is
                     # unknown. Dropped, not reset (its reset would fail, noisily).
                     with contextlib.suppress(Exception):
                         self.binds.connection(session, model).invalidate()
                     dropped = True  # and with it any batch's transaction
         savepoint, watch.before_first_statement = watch.savepoint, None
+        if self.reporter is not None:
+            # Its last progress; in run()'s transaction if the side connection
+            # cannot write (SQLite, after run() wrote) and run()'s work stands.
+            keeps = raised is None and not changed and not dropped
+            self.reporter.end(
+                held, (lambda: self.binds.connection(session, model)) if keeps else None
+            )
         if raised is not None or changed:
             if ended or dropped or not batched:
                 with contextlib.suppress(Exception):
@@ -235,6 +254,8 @@ class Executor:
     ) -> Outcome:
         if isinstance(exc, WorkerShutdown):
             return Outcome(Kind.RELEASE, exc)
+        if isinstance(exc, TaskCancelled):
+            return Outcome(Kind.CANCELLED, exc, detail="cancelled while running")
         if any(not held.dialect.is_read_only(e) for e in watch.disconnects):
             # A connection to the task's database was lost. The database down:
             # wait for it and run the task again. Up: a lost claim, counted.
@@ -280,11 +301,11 @@ def _undo(session: Session, savepoint: SessionTransaction | None) -> None:
 
 
 def interruption(exc: BaseException) -> BaseException | None:
-    """The TaskTimeoutError or WorkerShutdown that ``exc`` was raised from, if any."""
+    """The worker's own interrupt (time limit, shutdown, cancel) ``exc`` was raised from."""
     seen: set[int] = set()
     node: BaseException | None = exc
     while node is not None and id(node) not in seen:
-        if isinstance(node, (TaskTimeoutError, WorkerShutdown)):
+        if isinstance(node, (TaskTimeoutError, WorkerShutdown, TaskCancelled)):
             return node
         seen.add(id(node))
         node = node.__cause__ or node.__context__

@@ -39,11 +39,14 @@ class Monitor:
         heartbeat_interval: float,
         on_time_limit: Callable[[Held], None],
         on_hard_deadline: Callable[[Held], None],
+        on_tick: Callable[[Held], None] | None = None,
     ) -> None:
         self._heartbeat = heartbeat
         self._interval = heartbeat_interval
         self._on_time_limit = on_time_limit
         self._on_hard_deadline = on_hard_deadline
+        #: Called each tick while a task is held (its progress, cancel requests).
+        self._on_tick = on_tick
         self._cond = threading.Condition()
         self._held: Held | None = None
         #: The thread waits a tick (a task is held), not until the next heartbeat.
@@ -132,6 +135,8 @@ class Monitor:
                         self._on_hard_deadline(held)
                     elif held.interrupt is None and now - held.started >= held.time_limit:
                         self._on_time_limit(held)
+                    elif self._on_tick is not None:
+                        self._on_tick(held)
                 if now >= next_beat:
                     next_beat = now + self._interval
                     self._heartbeat()

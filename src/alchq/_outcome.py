@@ -40,6 +40,8 @@ class Kind(enum.Enum):
     #: the database lost the run (its connection, while the database was up):
     #: PENDING again, one more lost claim
     LOST = "LOST"
+    #: cancelled while it ran (its writes rolled back): CANCELLED
+    CANCELLED = "CANCELLED"
     #: the row cannot be loaded because the model and the table disagree (a
     #: deploy in progress): PENDING again, left for a worker whose code matches
     MISMATCH = "MISMATCH"
@@ -67,7 +69,7 @@ class Outcome:
     @property
     def status(self) -> Status:
         """The status the row gets."""
-        if self.kind in (Kind.PROCESSED, Kind.ERROR):
+        if self.kind in (Kind.PROCESSED, Kind.ERROR, Kind.CANCELLED):
             return Status(self.kind.value)
         return Status.PENDING
 

@@ -47,7 +47,7 @@ from alchq._util import first_line, safe_url
 from alchq._version import __version__
 from alchq.config import Settings
 from alchq.exceptions import DatabaseError
-from alchq.model import BaseQueue, task_table, workers_table
+from alchq.model import BaseQueue, progress_table, task_table, workers_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -136,6 +136,20 @@ class Registry:
                 except DBAPIError as again:
                     raise self.binds.diagnose(again, place.models[0], place.engine) from again
         self._registered = True
+        for place in self.places():
+            self._ensure_progress_table(place)
+
+    def _ensure_progress_table(self, place: Place) -> None:
+        """Create ``alchq_progress`` beside the registry if it is missing (a database
+        made before it existed); without it, progress and cancelling running tasks
+        are off (the reporter says so)."""
+        table = progress_table(place.table.metadata)
+        try:
+            if not inspect(place.engine).has_table(table.name, schema=table.schema):
+                table.create(place.engine, checkfirst=True)
+                logger.info("created the table %s in %s", table.name, safe_url(place.engine))
+        except DBAPIError as exc:
+            logger.warning("could not create the table %s: %s", table.name, first_line(exc))
 
     def heartbeat(self) -> None:
         """Renew this worker's rows (monitor thread). Raises what the database raises."""

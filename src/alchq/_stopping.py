@@ -30,11 +30,11 @@ from typing import Any
 
 from alchq._held import Held, WorkerShutdown
 from alchq._monitor import Monitor
-from alchq._outcome import RELEASE, failed
+from alchq._outcome import RELEASE, Kind, Outcome, failed
 from alchq._recorder import Recorder
 from alchq._util import helper_thread
 from alchq.config import Settings
-from alchq.exceptions import TaskTimeoutError
+from alchq.exceptions import TaskCancelled, TaskTimeoutError
 
 logger = logging.getLogger("alchq.worker")
 
@@ -130,6 +130,15 @@ class Stopper:
         held.hard_deadline = time.monotonic() + self.settings.kill_after
         self.interrupt(held, TaskTimeoutError)
 
+    def cancel_requested(self, held: Held) -> None:
+        """Monitor thread: the task in hand was cancelled while running; interrupt it."""
+        if held.interrupt is not None or held.phase != "run" or not held.in_run:
+            return  # already stopping, or run() is over: its outcome is being written
+        logger.warning("%s was cancelled; interrupting it", held.label)
+        held.interrupt = "cancel"
+        held.hard_deadline = time.monotonic() + self.settings.kill_after
+        self.interrupt(held, TaskCancelled)
+
     def hard_deadline_reached(self, held: Held) -> None:
         """Monitor thread: the task did not stop when interrupted; end the process.
 
@@ -137,7 +146,12 @@ class Stopper:
         policy; a shutdown: released). An error() stopped this way keeps its
         lease: the replacement process calls it again.
         """
-        if held.interrupt == "timeout":
+        if held.interrupt == "cancel":
+            logger.error("%s could not be interrupted; replacing the worker process", held.what)
+            cancelled = TaskCancelled(f"{held.label} was cancelled and could not be interrupted")
+            self.recorder.finish_elsewhere(held, Outcome(Kind.CANCELLED, cancelled))
+            replace_process(held.worker_id)
+        elif held.interrupt == "timeout":
             logger.error("%s could not be interrupted; replacing the worker process", held.what)
             if held.phase == "run":
                 exc = TaskTimeoutError(
@@ -200,6 +214,9 @@ class Stopper:
                 raise TaskTimeoutError(
                     f"{held.what} ran longer than its time limit of {held.time_limit:g}s"
                 )
+            if held is not None and held.interrupt == "cancel" and held.in_run:
+                held.in_run = False
+                raise TaskCancelled(f"{held.label} was cancelled")
             if held is not None and held.interrupt == "shutdown" and held.in_run:
                 held.in_run = False
                 raise WorkerShutdown()

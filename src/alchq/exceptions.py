@@ -17,6 +17,9 @@
         ├── WorkerLostError        its worker was lost too often (max_lost_claims)
         └── TaskTimeoutError       run() overran the model's alchq_time_limit
 
+``TaskCancelled`` (a BaseException) is raised into a run() whose task is
+cancelled while it runs.
+
 Exceptions raised by a task's ``run()`` are never wrapped: ``error()`` receives
 them exactly as raised.
 """
@@ -78,6 +81,15 @@ class WorkerLostError(TaskFailure):
     Each time a worker dies, freezes or is cut off mid-run, its lease expires
     and the task goes back to PENDING; after ``max_lost_claims`` such losses
     it ends in ERROR with this exception instead.
+    """
+
+
+class TaskCancelled(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+    """Raised into ``run()`` when its task was cancelled while running.
+
+    A BaseException, so that a task's ``except Exception`` does not swallow it:
+    clean up in ``finally`` and let it pass. The worker rolls back run()'s
+    writes and ends the task CANCELLED (``error()`` is not called).
     """
 
 

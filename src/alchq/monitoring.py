@@ -20,10 +20,11 @@ Actions flush but do not commit, except :func:`bulk`, which commits each batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -44,12 +45,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import delete as sql_delete
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.types import UTCDateTime
-from alchq.exceptions import CancelError, TaskNotFoundError, TaskStateError
+from alchq._util import first_line
+from alchq.exceptions import CancelError, DatabaseError, TaskNotFoundError, TaskStateError
 from alchq.model import (
     BaseQueue,
     Status,
@@ -527,6 +529,11 @@ def retry(session: Session, model: type[BaseQueue], key: Any) -> None:
     Its counters stay (``alchq_attempts`` keeps counting claims, ``alchq_failures``
     failed runs); a retry policy counts on from them.
     """
+    with _clear_errors(session, model):
+        _retry(session, model, key)
+
+
+def _retry(session: Session, model: type[BaseQueue], key: Any) -> None:
     conn = _connection(session, model)
     table = task_table(model)
     pk = _key_values(model, key)
@@ -571,6 +578,11 @@ def cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
     while the request is on its way). Not committed. A finished task raises
     :class:`alchq.CancelError` (a CANCELLED one is left as it is).
     """
+    with _clear_errors(session, model):
+        return _cancel(session, model, key)
+
+
+def _cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
     conn = _connection(session, model)
     table = task_table(model)
     pk = _key_values(model, key)
@@ -645,6 +657,11 @@ def _request_cancel(conn: Connection, table: Table, key: str, attempt: int) -> N
 
 def delete(session: Session, model: type[BaseQueue], key: Any) -> None:
     """Delete a task that is not running (cancel a running one first). Not committed."""
+    with _clear_errors(session, model):
+        _delete(session, model, key)
+
+
+def _delete(session: Session, model: type[BaseQueue], key: Any) -> None:
     conn = _connection(session, model)
     table = task_table(model)
     pk = _key_values(model, key)
@@ -701,7 +718,6 @@ def bulk(
         raise ValueError(f"batch_size must be a whole number, 1 or more, got {batch_size!r}")
     table = task_table(model)
     c = table.c
-    pk = list(table.primary_key)
     where: list[ColumnElement[bool]] = [rows_of(model)]
     if status is not None:
         where.append(c.status == _status(status))
@@ -714,6 +730,20 @@ def bulk(
                 c.alchq_finished_at >= at, and_(c.alchq_finished_at.is_(None), c.time_created >= at)
             )
         )
+    with _clear_errors(session, model):
+        return _bulk(session, model, action, where, batch_size)
+
+
+def _bulk(
+    session: Session,
+    model: type[BaseQueue],
+    action: Action,
+    where: list[ColumnElement[bool]],
+    batch_size: int,
+) -> int:
+    table = task_table(model)
+    c = table.c
+    pk = list(table.primary_key)
     changed = 0
     last: tuple[Any, ...] | None = None
     while True:
@@ -842,6 +872,23 @@ def _summary(table: Table, row: Any, notes: dict[str, Progress]) -> TaskSummary:
         progress=note.fraction if note else None,
         message=note.message if note else None,
     )
+
+
+@contextlib.contextmanager
+def _clear_errors(session: Session, model: type[BaseQueue]) -> Iterator[None]:
+    """A database that is busy or away, said in one line (the app shows it to a person)."""
+    try:
+        yield
+    except DBAPIError as exc:
+        with contextlib.suppress(Exception):
+            session.rollback()
+        dialect = dialect_for(_connection(session, model).engine)
+        if dialect.is_conflict(exc) or dialect.is_transient(exc):
+            raise DatabaseError(
+                f"{model.__name__}: the database is busy, try again ({first_line(exc)}); "
+                "on SQLite a running task that has written holds the whole file"
+            ) from exc
+        raise
 
 
 def _connection(session: Session, model: type[BaseQueue]) -> Connection:

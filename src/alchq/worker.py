@@ -51,6 +51,7 @@ from alchq._prune import prune_periodically
 from alchq._recorder import Recorder
 from alchq._recovery import Rescuer
 from alchq._registry import Registry
+from alchq._reporter import Reporter
 from alchq._scheduler import Scheduler
 from alchq._sessions import SessionSource, flask_app, resolve
 from alchq._stopping import EXIT_INTERRUPTED, REPLACED_ENV, Stopper
@@ -137,6 +138,7 @@ class Worker:
             heartbeat_interval=self.settings.heartbeat_interval,
             on_time_limit=lambda held: self._stopper.time_limit_reached(held),
             on_hard_deadline=lambda held: self._stopper.hard_deadline_reached(held),
+            on_tick=self._watch_held,
         )
         self._recorder = Recorder(
             self._binds, self._monitor, self.settings, aborted=lambda: self._stopper.aborted
@@ -147,7 +149,10 @@ class Worker:
         self._claimer = Claimer(self.id, self._binds, self.settings)
         #: Each model's recent time per task (seconds, a moving average).
         self._run_time: dict[type[BaseQueue], float] = {}
-        self._executor = Executor(self._binds, self.settings, self._recorder.commit_early)
+        self._reporter = Reporter(self._binds)
+        self._executor = Executor(
+            self._binds, self.settings, self._recorder.commit_early, self._reporter
+        )
         self._rescuer = Rescuer(
             self.id,
             self._binds,
@@ -164,6 +169,11 @@ class Worker:
         #: claim). The commands log their "serving" line then.
         self.on_ready: Callable[[Worker], object] | None = None
         self._ready = False
+
+    def _watch_held(self, held: Held) -> None:
+        """Monitor thread, each tick while a task runs: its progress and cancel requests."""
+        if self._reporter.tick(held):
+            self._stopper.cancel_requested(held)
 
     # -- control -------------------------------------------------------------
 
