@@ -6,6 +6,11 @@
     alchq run my_app.tasks:MyTask --concurrency 4      # 4 supervised worker processes
     alchq create-tables my_app.tasks:MyTask --database-url URL
     alchq prune my_app.tasks:MyTask --older-than 7d --error never
+    alchq status my_app.tasks:MyTask [--json] [--watch [SECONDS]]
+    alchq workers my_app.tasks:MyTask [--all] [--json]
+    alchq retry my_app.tasks:MyTask 42            # or --all-errors [--since 1h]
+    alchq cancel my_app.tasks:MyTask 42
+    alchq health my_app.tasks:MyTask [--any-host] [--max-age 30]   # for probes
     alchq demo
 
 The Flask commands (``flask alchq ...``) are in :mod:`alchq.flask` and use
@@ -23,8 +28,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
-from alchq import __version__
+from alchq import __version__, _status
 from alchq._commands import (
     LOG_LEVELS,
     URL_VARIABLES,
@@ -35,6 +41,7 @@ from alchq._commands import (
     prune_tables,
 )
 from alchq._pool import CONCURRENCY_ENV, POOLS, error_status, run_pool
+from alchq._status import WATCH_INTERVAL, Commands
 from alchq.exceptions import AlchqError
 from alchq.model import BaseQueue
 
@@ -139,9 +146,114 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, metavar="N", help="rows deleted per transaction (default 1000)"
     )
 
+    _monitoring_commands(sub)
+
     demo = sub.add_parser("demo", help="run the hop/skip/jump demo on a SQLite file")
     demo.add_argument("--database", default="alchq-demo.sqlite", help="SQLite file (recreated)")
     return parser
+
+
+def _watch_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _monitoring_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """status, workers, retry, cancel, health: the operator's commands (alchq._status)."""
+    models = {"nargs": "+", "metavar": "MODULE:CLASS"}
+    status = sub.add_parser(
+        "status",
+        help="the state of task models' queues",
+        description="Counts by status, ready and scheduled tasks, the oldest ready task's "
+        "wait, the last hour's throughput, run times, running tasks with their progress "
+        "and the most recent errors, a table per model.",
+    )
+    status.add_argument("models", **models)  # type: ignore[arg-type]
+    _url_option(status)
+    status.add_argument(
+        "--json", action="store_true", help="print JSON (a dict keyed by model name)"
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=WATCH_INTERVAL,
+        type=_watch_seconds,
+        metavar="SECONDS",
+        help=f"refresh in place every SECONDS (default {WATCH_INTERVAL:g}) until Ctrl-C; "
+        "with --json, a JSON document per line",
+    )
+
+    workers = sub.add_parser("workers", help="the workers registered where the models live")
+    workers.add_argument("models", **models)  # type: ignore[arg-type]
+    _url_option(workers)
+    workers.add_argument("--all", action="store_true", help="also the gone ones")
+    workers.add_argument("--json", action="store_true", help="print JSON (a list)")
+
+    retry = sub.add_parser(
+        "retry",
+        help="make an ERROR (or CANCELLED) task PENDING again, or every ERROR task",
+    )
+    retry.add_argument("model", metavar="MODULE:CLASS")
+    retry.add_argument(
+        "id", nargs="?", metavar="ID", help="the task's key (composite: '[1, \"a\"]')"
+    )
+    _url_option(retry)
+    retry.add_argument("--all-errors", action="store_true", help="every ERROR task of the model")
+    retry.add_argument(
+        "--since", metavar="AGE", help="with --all-errors: those that failed within AGE (1h, 2d)"
+    )
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel a PENDING task, or ask the worker of a running one to stop it"
+    )
+    cancel.add_argument("model", metavar="MODULE:CLASS")
+    cancel.add_argument("id", metavar="ID")
+    _url_option(cancel)
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if a worker on this host has a fresh heartbeat (for probes)",
+        description="Exit 0 when a worker of the models on this host (or any host, with "
+        "--any-host) is alive in the worker registry, 1 with the reason otherwise.",
+    )
+    health.add_argument("models", **models)  # type: ignore[arg-type]
+    _url_option(health)
+    health.add_argument("--any-host", action="store_true", help="a worker on any host will do")
+    health.add_argument(
+        "--max-age",
+        metavar="SECONDS",
+        help="the heartbeat must also be at most this old (30, 30s, 2m)",
+    )
+
+
+def _monitoring(args: argparse.Namespace) -> None:
+    """Run status, workers, retry, cancel or health; print what they say."""
+    refs = args.models if hasattr(args, "models") else [args.model]
+    with _models_and_engine(argparse.Namespace(**{**vars(args), "models": refs})) as (
+        models,
+        engine,
+    ):
+        # A session per round of queries, closed at once: an open SQLite read holds a lock.
+        commands = Commands(open=lambda: Session(engine), command="alchq")
+        if args.command == "status":
+            _status.show_status(commands, models, as_json=args.json, watch=args.watch)
+        elif args.command == "workers":
+            _status.show_workers(commands, models, as_json=args.json, include_gone=args.all)
+        elif args.command == "retry":
+            print(
+                _status.retry(
+                    commands, models[0], args.id, all_errors=args.all_errors, since=args.since
+                )
+            )
+        elif args.command == "cancel":
+            print(_status.cancel(commands, models[0], args.id))
+        else:
+            print(_status.health(commands, models, any_host=args.any_host, max_age=args.max_age))
 
 
 @contextlib.contextmanager
@@ -193,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch_size=args.batch_size,
                 ):
                     print(line, flush=True)
+        elif args.command in ("status", "workers", "retry", "cancel", "health"):
+            _monitoring(args)
         elif args.command == "demo":
             from alchq._demo import main as demo_main
 
