@@ -48,6 +48,10 @@
     if (!iso) return "—";
     return new Date(Date.parse(iso)).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC").replace(/Z$/, " UTC");
   }
+  function hhmm(ts) {
+    var d = new Date(ts * 1000);
+    return ("0" + d.getHours()).slice(-2) + ":" + ("0" + d.getMinutes()).slice(-2);
+  }
   function url(path) { return body.getAttribute("data-prefix").replace(/\/$/, "") + path; }
   function taskUrl(model, key) { return url("/tasks/" + encodeURIComponent(model) + "/" + encodeURIComponent(key)); }
   function timeEl(iso) {
@@ -125,11 +129,14 @@
       legend: { show: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(4, Math.ceil(max * 1.15))]; } } },
-      axes: [Object.assign({ space: 60 }, axis), Object.assign({ size: 40 }, axis)],
+      axes: [
+        Object.assign({ space: 70, values: function (u, splits) { return splits.map(hhmm); } }, axis),
+        Object.assign({ size: 40 }, axis)
+      ],
       series: [
         {},
-        { label: "processed", stroke: green, width: 2, fill: green + "33", paths: steps },
-        { label: "failed", stroke: red, width: 2, fill: red + "33", paths: steps }
+        { label: "processed", stroke: green, width: 2, fill: green + "33", paths: steps, points: { show: false } },
+        { label: "failed", stroke: red, width: 2, fill: red + "33", paths: steps, points: { show: false } }
       ]
     }, data, node);
     node.setAttribute("data-drawn", "1");
@@ -222,6 +229,8 @@
   // -- one task ----------------------------------------------------------------------
   function updateTask(t) {
     setStatus(document, t.status);
+    var progressSection = $("#progress-section");
+    if (progressSection && (t.progress !== null || t.message || t.status === "PROCESSING")) progressSection.hidden = false;
     setProgress($("[data-field=progress]"), t.progress, t.message);
     setText($("[data-field=attempts]"), t.attempts);
     setText($("[data-field=failures]"), t.failures);
