@@ -17,15 +17,17 @@ The worker finds the app's Flask-SQLAlchemy ``db`` by itself and uses
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from alchq import _status
 from alchq._binds import engine_of
 from alchq._commands import (
     LOG_LEVELS,
@@ -214,6 +216,103 @@ def prune_command(
         batch_size=batch_size,
     ):
         click.echo(line)
+
+
+# -- monitoring: status, workers, retry, cancel, health (alchq._status) ----------------
+
+
+def _monitoring(refs: Sequence[str]) -> tuple[_status.Commands, list[type[BaseQueue]]]:
+    """The app's sessions, and the models named (``module:Class`` or a bare class name of
+    the app's), or with none named every imported task model whose table exists."""
+    db = _db()
+
+    @contextlib.contextmanager
+    def open_session() -> Iterator[Any]:
+        try:
+            yield db.session()
+        finally:
+            db.session.remove()
+
+    commands = _status.Commands(open=open_session, command="flask alchq")
+    if refs:
+        models = _status.resolve_models(refs, _status.mapped_models())
+    else:
+        _guard_sqlite_files(db, [], refs, may_create=False)
+        with commands.open() as session:
+            models = _status.app_models(session, commands.command)
+    _guard_sqlite_files(db, models, refs, may_create=False)
+    return commands, models
+
+
+@cli.command("status")
+@click.argument("models", nargs=-1, metavar="[MODEL...]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a dict keyed by model name).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=_status.WATCH_INTERVAL,
+    default=None,
+    metavar="[SECONDS]",
+    help=f"Refresh in place every SECONDS (default {_status.WATCH_INTERVAL:g}) until Ctrl-C; "
+    "with --json, a JSON document per line.",
+)
+@_fail_cleanly
+def status_command(models: tuple[str, ...], as_json: bool, watch: float | None) -> None:
+    """The state of task models' queues (default: every model of the app).
+
+    MODEL: package.module:ClassName, or the class name of a model the app imports.
+    """
+    commands, loaded = _monitoring(models)
+    _status.show_status(commands, loaded, as_json=as_json, watch=watch)
+
+
+@cli.command("workers")
+@click.argument("models", nargs=-1, metavar="[MODEL...]")
+@click.option("--all", "include_gone", is_flag=True, help="Also the gone ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list).")
+@_fail_cleanly
+def workers_command(models: tuple[str, ...], include_gone: bool, as_json: bool) -> None:
+    """The workers registered where the models live (default: every model of the app)."""
+    commands, loaded = _monitoring(models)
+    _status.show_workers(commands, loaded, as_json=as_json, include_gone=include_gone)
+
+
+@cli.command("retry")
+@click.argument("model")
+@click.argument("task_id", required=False, metavar="[ID]")
+@click.option("--all-errors", is_flag=True, help="Every ERROR task of the model.")
+@click.option(
+    "--since", metavar="AGE", help="With --all-errors: those that failed within AGE (1h, 2d)."
+)
+@_fail_cleanly
+def retry_command(model: str, task_id: str | None, all_errors: bool, since: str | None) -> None:
+    """Make an ERROR (or CANCELLED) task PENDING again, or every ERROR task."""
+    commands, (loaded,) = _monitoring([model])
+    click.echo(_status.retry(commands, loaded, task_id, all_errors=all_errors, since=since))
+
+
+@cli.command("cancel")
+@click.argument("model")
+@click.argument("task_id", metavar="ID")
+@_fail_cleanly
+def cancel_command(model: str, task_id: str) -> None:
+    """Cancel a PENDING task, or ask the worker of a running one to stop it."""
+    commands, (loaded,) = _monitoring([model])
+    click.echo(_status.cancel(commands, loaded, task_id))
+
+
+@cli.command("health")
+@click.argument("models", nargs=-1, metavar="[MODEL...]")
+@click.option("--any-host", is_flag=True, help="A worker on any host will do.")
+@click.option(
+    "--max-age", metavar="SECONDS", help="The heartbeat must also be at most this old (30, 2m)."
+)
+@_fail_cleanly
+def health_command(models: tuple[str, ...], any_host: bool, max_age: str | None) -> None:
+    """Exit 0 if a worker of the models on this host has a fresh heartbeat (for probes)."""
+    commands, loaded = _monitoring(models)
+    click.echo(_status.health(commands, loaded, any_host=any_host, max_age=max_age))
 
 
 class Alchq:
