@@ -27,7 +27,7 @@ from alchq.flask import Alchq
 TEST_SECRET = "dashboard-tests-only"
 
 #: Steps and pause of ProgressTask: long enough for a page to see two values.
-PROGRESS_STEPS = 40
+PROGRESS_STEPS = 24
 PROGRESS_PAUSE = 0.25
 
 db = SQLAlchemy()
