@@ -327,7 +327,12 @@ def test_script_in_a_column_is_text_and_never_runs(
 ) -> None:
     add_rows(engine, DashTask, [error_row(1, note=SCRIPT, alchq_error_message=SCRIPT)])
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+    def record(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", record)
     page.goto(f"{site.url}/alchq/tasks/DashTask/1")
     expect(page.locator('[data-column="note"]')).to_have_text(SCRIPT)
     expect(page.locator("[data-field=error_message]")).to_have_text(SCRIPT)
