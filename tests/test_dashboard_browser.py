@@ -139,8 +139,13 @@ def history(first_id: int) -> list[dict[str, Any]]:
             )
             key += 1
         if minute % 9 == 4:
+            failed = now - timedelta(minutes=minute, seconds=30)
             rows.append(
-                error_row(key, alchq_finished_at=now - timedelta(minutes=minute, seconds=30))
+                error_row(
+                    key,
+                    alchq_started_at=failed - timedelta(seconds=2),
+                    alchq_finished_at=failed,
+                )
             )
             key += 1
     return rows

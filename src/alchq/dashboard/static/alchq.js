@@ -131,7 +131,8 @@
       scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(4, Math.ceil(max * 1.15))]; } } },
       axes: [
         Object.assign({ space: 70, values: function (u, splits) { return splits.map(hhmm); } }, axis),
-        Object.assign({ size: 40 }, axis)
+        // Tasks are counted whole: no 2.5 on the axis.
+        Object.assign({ size: 40, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1e4, 2e4, 5e4, 1e5, 1e6] }, axis)
       ],
       series: [
         {},
