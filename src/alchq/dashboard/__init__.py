@@ -35,57 +35,20 @@ The data comes from :mod:`alchq.monitoring` through Flask-SQLAlchemy's
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
-from flask import Blueprint, Flask, Request
-from sqlalchemy import Table, inspect
-from sqlalchemy.exc import NoInspectionAvailable
+from flask import Blueprint, Flask
 from sqlalchemy.orm import Session
 
+from alchq.dashboard._settings import HIDDEN, Check, DashboardSettings, mapped_task_models
+from alchq.dashboard._views import build_blueprint
 from alchq.model import BaseQueue
 
-__all__ = ["HIDDEN", "Dashboard"]
-
-log = logging.getLogger(__name__)
-
-#: What a hidden column's value is shown as, in HTML and JSON.
-HIDDEN = "••••"
-
-#: A check: gets the request, returns whether it is allowed.
-Check = Callable[[Request], bool]
-
-NO_CHECKS = (
-    "The alchq dashboard refuses to serve: it shows task data and can change it, and "
-    "it was given no authorization check. Pass can_read=fn(request) -> bool (and "
-    "can_act=fn(request) -> bool for retry, cancel and delete) to Dashboard(...), or "
-    "allow_unauthenticated=True for local development only."
-)
+__all__ = ["HIDDEN", "Dashboard", "mapped_task_models"]
 
 
-def mapped_task_models() -> list[type[BaseQueue]]:
-    """Every mapped BaseQueue subclass that has a table, in definition order."""
-    found: list[type[BaseQueue]] = []
-    pending: list[type[BaseQueue]] = list(BaseQueue.__subclasses__())
-    seen: set[type[BaseQueue]] = set()
-    while pending:
-        cls = pending.pop(0)
-        if cls in seen:
-            continue
-        seen.add(cls)
-        pending.extend(cls.__subclasses__())
-        try:
-            mapper = inspect(cls)
-        except NoInspectionAvailable:
-            continue  # an abstract intermediate class
-        if isinstance(mapper.local_table, Table):
-            found.append(cls)
-    return found
-
-
-class Dashboard:
-    """The dashboard blueprint and its settings.
+class Dashboard(DashboardSettings):
+    """The dashboard: a Flask blueprint (``.blueprint``) and its settings.
 
     :param models: the task models to show; None (default) shows every mapped
         BaseQueue model, found when a page is asked for.
@@ -121,96 +84,19 @@ class Dashboard:
         session_factory: Callable[[], Session] | None = None,
         name: str = "alchq_dashboard",
     ) -> None:
-        self._models = list(models) if models is not None else None
-        self.can_read = can_read
-        self.can_act = can_act
-        self.read_only = read_only
-        self._hidden = {
-            (k if isinstance(k, str) else k.__name__): frozenset(v)
-            for k, v in (hidden_columns or {}).items()
-        }
-        self.url_prefix = url_prefix.rstrip("/")
-        self.allow_unauthenticated = allow_unauthenticated
-        self.session_factory = session_factory
-        self.name = name
-        from alchq.dashboard._views import build_blueprint
-
+        super().__init__(
+            models=models,
+            can_read=can_read,
+            can_act=can_act,
+            read_only=read_only,
+            hidden_columns=hidden_columns,
+            url_prefix=url_prefix,
+            allow_unauthenticated=allow_unauthenticated,
+            session_factory=session_factory,
+            name=name,
+        )
         self.blueprint: Blueprint = build_blueprint(self)
-
-    # -- mounting --------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
         """Register the blueprint on ``app`` (what ``Alchq(app, dashboard=...)`` calls)."""
         app.register_blueprint(self.blueprint)
-
-    def on_mount(self, app: Flask) -> None:
-        """Say once, at mount, what would otherwise only show as 403 or 500 pages."""
-        where = self.url_prefix or "/"
-        if self.unconfigured:
-            log.warning("alchq dashboard at %s: %s", where, NO_CHECKS)
-        elif self.auth_off:
-            log.warning(
-                "alchq dashboard at %s serves without authentication "
-                "(allow_unauthenticated=True): local development only",
-                where,
-            )
-        if not app.secret_key:
-            log.warning(
-                "alchq dashboard at %s: the app has no SECRET_KEY yet; the dashboard "
-                "refuses to serve without one (its CSRF tokens need it)",
-                where,
-            )
-
-    # -- access ----------------------------------------------------------------
-
-    @property
-    def unconfigured(self) -> bool:
-        """No check given and no explicit opt-out: every request is refused."""
-        return self.can_read is None and self.can_act is None and not self.allow_unauthenticated
-
-    @property
-    def auth_off(self) -> bool:
-        """Serving without any check (the opt-out): every page shows a banner."""
-        return self.can_read is None and self.can_act is None and self.allow_unauthenticated
-
-    def may_read(self, request: Request) -> bool:
-        if self.unconfigured:
-            return False
-        if self.auth_off:
-            return True
-        check = self.can_read if self.can_read is not None else self.can_act
-        assert check is not None
-        return bool(check(request))
-
-    def may_act(self, request: Request) -> bool:
-        if self.read_only or self.unconfigured:
-            return False
-        if self.auth_off:
-            return True
-        if self.can_act is None:
-            return False
-        return self.may_read(request) and bool(self.can_act(request))
-
-    # -- models ----------------------------------------------------------------
-
-    def models(self) -> dict[str, type[BaseQueue]]:
-        """The shown models by their URL name (class name; module-qualified if two clash)."""
-        models = self._models if self._models is not None else mapped_task_models()
-        names = [m.__name__ for m in models]
-        return {
-            (m.__name__ if names.count(m.__name__) == 1 else f"{m.__module__}.{m.__name__}"): m
-            for m in models
-        }
-
-    def hidden_columns(self, model: type[BaseQueue]) -> frozenset[str]:
-        return self._hidden.get(model.__name__, frozenset()) | self._hidden.get(
-            f"{model.__module__}.{model.__name__}", frozenset()
-        )
-
-    def hide(self, model: type[BaseQueue], columns: Mapping[str, Any]) -> dict[str, Any]:
-        """``columns`` with the model's hidden ones replaced by :data:`HIDDEN`."""
-        hidden = self.hidden_columns(model)
-        return {k: (HIDDEN if k in hidden else v) for k, v in columns.items()}
-
-    def __repr__(self) -> str:
-        return f"Dashboard(url_prefix={self.url_prefix!r}, read_only={self.read_only})"

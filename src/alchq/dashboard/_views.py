@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from flask import (
     Blueprint,
@@ -39,11 +39,9 @@ from wtforms.validators import ValidationError  # type: ignore[import-untyped]
 
 from alchq import monitoring
 from alchq._sessions import flask_db
+from alchq.dashboard._settings import NO_CHECKS, DashboardSettings
 from alchq.exceptions import AlchqError, TaskNotFoundError
 from alchq.model import BaseQueue, Status
-
-if TYPE_CHECKING:
-    from alchq.dashboard import Dashboard
 
 log = logging.getLogger("alchq.dashboard")
 
@@ -193,7 +191,7 @@ def between(start: Any, end: Any) -> float | None:
 # -- the blueprint ----------------------------------------------------------------
 
 
-def build_blueprint(dash: Dashboard) -> Blueprint:
+def build_blueprint(dash: DashboardSettings) -> Blueprint:
     bp = Blueprint(
         dash.name,
         __name__,
@@ -224,7 +222,7 @@ def build_blueprint(dash: Dashboard) -> Blueprint:
     @bp.before_request
     def guard() -> Response | None:
         if dash.unconfigured:
-            return refuse(403, dash_no_checks())
+            return refuse(403, NO_CHECKS)
         if not dash.may_read(request):
             return refuse(403, "Forbidden: this request may not read the alchq dashboard.")
         if not current_app.secret_key:
@@ -556,11 +554,6 @@ def build_blueprint(dash: Dashboard) -> Blueprint:
             ),
             status=exc.status,
         )
-
-    def dash_no_checks() -> str:
-        from alchq.dashboard import NO_CHECKS
-
-        return NO_CHECKS
 
     return bp
 
