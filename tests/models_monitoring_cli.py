@@ -19,7 +19,7 @@ class Base(DeclarativeBase):
 
 
 class MonTask(BaseQueue, Base):
-    """``note``: "fail" raises, "slow" runs for a few seconds, anything else succeeds."""
+    """``note``: "fail" raises, "slow" runs for 30 s, anything else succeeds."""
 
     __tablename__ = "mon_task"
 
@@ -30,7 +30,7 @@ class MonTask(BaseQueue, Base):
         if self.note == "fail":
             raise ValueError("failed on purpose")
         if self.note == "slow":
-            time.sleep(5)
+            time.sleep(30)  # the tests stop it (cancel, kill) long before
 
 
 class OtherTask(BaseQueue, Base):
