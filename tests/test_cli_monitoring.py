@@ -77,7 +77,7 @@ def burst(db_url: str) -> None:
 
 
 def mon_cli(db_url: str, command: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return alchq(command, *args, "--database-url", db_url, **WIDE)
+    return alchq(command, *args, "--database-url", db_url, COLUMNS=WIDE["COLUMNS"])
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
