@@ -26,7 +26,7 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from alchq import _progress, _text
+from alchq import _progress, _text, events
 from alchq._binds import Binds
 from alchq._held import Held, WorkerShutdown
 from alchq._outcome import PROCESSED, Kind, Outcome, Ran, failed, lost_connection
@@ -34,7 +34,7 @@ from alchq._reporter import Reporter
 from alchq._tracking import RunWatch
 from alchq.config import Settings
 from alchq.exceptions import TaskCancelled, TaskFailure, TaskTimeoutError
-from alchq.model import MAX_COUNTER, BaseQueue, task_table
+from alchq.model import MAX_COUNTER, BaseQueue, key_text, task_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -94,19 +94,16 @@ class Executor:
         model, claim = held.model, held.claim
         # A batched task is short (it ends within the batch's span): its end line
         # says all, and a second INFO line per task would cost more than the task.
-        level = logging.DEBUG if batched else logging.INFO
-        if logger.isEnabledFor(level):
-            logger.log(
-                level,
-                "%s started (attempt %d)",
-                held.label,
+        events.emit(
+            events.Event(
+                "task_started",
+                held.worker_id,
+                model.__name__,
+                key_text(claim.pk),
                 claim.token,
-                extra={
-                    "alchq_model": model.__name__,
-                    "alchq_task_id": claim.pk,
-                    "alchq_attempt": claim.token,
-                },
+                batched=batched,
             )
+        )
         try:
             if loaded is not None and loaded in session and not inspect(loaded).expired:
                 task: BaseQueue | None = loaded

@@ -57,6 +57,8 @@ __all__ = ["CONCURRENCY_ENV", "POOLS", "error_status", "run_pool"]
 logger = logging.getLogger("alchq.pool")
 
 POOLS = ("processes", "threads")
+#: Set for worker processes whose supervisor serves metrics: they count events.
+METRICS_ENV = "ALCHQ_METRICS_CHILD"
 #: Default number of workers when ``--concurrency`` is not given.
 CONCURRENCY_ENV = "ALCHQ_CONCURRENCY"
 #: Set in a child: its number (1..N). Makes the command one plain worker.
@@ -111,14 +113,23 @@ def run_pool(
     pool: str,
     burst: bool,
     max_tasks: int | None,
+    metrics_port: int | None = None,
     **worker_kwargs: Any,
 ) -> int:
-    """Run the workers of ``alchq run``; return the command's exit status."""
+    """Run the workers of ``alchq run``; return the command's exit status.
+
+    ``metrics_port``: the supervisor serves Prometheus metrics there, its
+    workers' counters included (see :mod:`alchq.metrics`).
+    """
     forever = not burst and max_tasks is None
     # The marker stays in the environment: a child that replaces itself
     # (a task that could not be interrupted) must come back as a child.
     if os.environ.get(CHILD_ENV):
         _tie_to_supervisor()
+        if os.environ.get(METRICS_ENV):
+            from alchq.metrics import track_events
+
+            track_events()
         threads = int(os.environ.get(THREADS_ENV) or 0)
         if not threads:
             run_worker(
@@ -143,6 +154,14 @@ def run_pool(
         raise ConfigurationError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     probe = Worker(*models, **worker_kwargs)  # checks the models and settings
     _preflight(probe)
+    if metrics_port is not None:
+        from alchq.metrics import prepare_worker_metrics, serve_worker_metrics
+
+        prepare_worker_metrics()
+        os.environ[METRICS_ENV] = "1"
+        serve_worker_metrics(
+            metrics_port, probe.models, probe.source.open, context=probe.app_context
+        )
     keeper = Keeper(probe.models, probe.source, probe.settings)
     threads = size if pool == "threads" else 0
 

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from alchq import _text
+from alchq import _text, events
 from alchq._binds import Binds, Outage
 from alchq._dialects import FinishPlan, utc_now
 from alchq._held import Held, WorkerShutdown
@@ -49,7 +49,7 @@ from alchq._transitions import released, unclaimed
 from alchq._util import first_line
 from alchq.config import Settings
 from alchq.exceptions import TaskFailure, TaskTimeoutError
-from alchq.model import BaseQueue, Status
+from alchq.model import BaseQueue, Status, key_text
 
 logger = logging.getLogger("alchq.worker")
 
@@ -227,7 +227,7 @@ class Recorder:
         if outcome.status is Status.PENDING:
             log_again(held, outcome)
         else:
-            log_end(held, outcome.status, outcome.describe())
+            log_end(held, outcome.status, outcome.describe(), outcome.exc)
         if outcome.kind is Kind.ERROR and outcome.exc is not None and task is not None:
             self.call_error(held, outcome.exc, session)
 
@@ -423,7 +423,7 @@ class Recorder:
                 elif not any(p is r for r in refused):
                     # Only the log line: a batch's task objects are not handed to
                     # anyone (process_one is never batched), so not refreshed.
-                    log_end(p.held, Status.PROCESSED, None)
+                    log_end(p.held, Status.PROCESSED, batched=True)
             for p in refused:
                 # Nothing of run()'s to lose: found out the usual way, on its own.
                 self._finish(session, p.held, p.outcome, p.task)
@@ -793,7 +793,7 @@ class Recorder:
                     if again.kind is Kind.ERROR:
                         _write(conn, held, self._values(held, again))
                         conn.commit()
-                        log_end(held, Status.ERROR, again.describe())
+                        log_end(held, Status.ERROR, again.describe(), again.exc)
                         self.call_error(held, again.exc or lost)
                         return
                     _write(conn, held, again.values(held.table))
@@ -809,7 +809,7 @@ class Recorder:
                 call_error = written.kind is Kind.ERROR
         if outcome is not None:
             detail = None if deferred.lost else deferred.landed
-            log_end(held, outcome.status, detail or outcome.describe())
+            log_end(held, outcome.status, detail or outcome.describe(), outcome.exc)
             if call_error and outcome.exc is not None:
                 self.call_error(held, outcome.exc)
 
@@ -835,7 +835,7 @@ class Recorder:
             )
             return False
         if ok and outcome.kind is not Kind.RELEASE:
-            log_end(held, outcome.status, outcome.describe())
+            log_end(held, outcome.status, outcome.describe(), outcome.exc)
         elif ok:
             logger.info("%s released: back to PENDING", held.label)
         return ok
@@ -903,38 +903,45 @@ def _write(
 
 def log_again(held: Held, outcome: Outcome) -> None:
     """A run that ended with the task PENDING again: snoozed, or failed and retried."""
-    duration = time.monotonic() - held.started
-    extra: dict[str, Any] = {"alchq_outcome": "RETRY", "alchq_duration": duration}
-    if not outcome.failed:
-        extra["alchq_outcome"] = "SNOOZED"
-        logger.info(
-            "%s snoozed after %.3fs: runs again in %gs",
-            held.label,
-            duration,
-            outcome.again_in,
-            extra=extra,
-        )
-        return
     policy = held.model.alchq_retry
-    logger.warning(
-        "%s failed in %.3fs (attempt %d of %d), retrying in %.1fs: %s",
-        held.label,
-        duration,
-        held.failures + 1,
-        (policy or CONFLICT_RETRY).attempts,
-        outcome.again_in,
-        outcome.describe(),
-        extra=extra,
+    events.emit(
+        events.Event(
+            "task_retried",
+            held.worker_id,
+            held.model.__name__,
+            key_text(held.claim.pk),
+            held.claim.token,
+            "RETRY" if outcome.failed else "SNOOZED",
+            time.monotonic() - held.started,
+            error_type=None if outcome.exc is None else type(outcome.exc).__name__,
+            detail=outcome.describe() if outcome.failed else None,
+            again_in=outcome.again_in,
+            failures=held.failures + 1 if outcome.failed else None,
+            max_attempts=(policy or CONFLICT_RETRY).attempts if outcome.failed else None,
+        )
     )
 
 
-def log_end(held: Held, status: Status, detail: str | None = None) -> None:
-    duration = time.monotonic() - held.started
-    extra = {"alchq_outcome": status.value, "alchq_duration": duration}
-    if detail is None:
-        logger.info("%s %s in %.3fs", held.label, status.value, duration, extra=extra)
-    else:
-        # A failed task is worth a look, but it is not the worker's error.
-        logger.warning(
-            "%s %s in %.3fs: %s", held.label, status.value, duration, detail, extra=extra
+def log_end(
+    held: Held,
+    status: Status,
+    detail: str | None = None,
+    exc: BaseException | None = None,
+    *,
+    batched: bool = False,
+) -> None:
+    """A run's outcome is written: PROCESSED, ERROR or CANCELLED (``detail``: why not PROCESSED)."""
+    events.emit(
+        events.Event(
+            "task_finished",
+            held.worker_id,
+            held.model.__name__,
+            key_text(held.claim.pk),
+            held.claim.token,
+            status.value,
+            time.monotonic() - held.started,
+            error_type=None if exc is None else type(exc).__name__,
+            detail=detail,
+            batched=batched,
         )
+    )

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Engine, Table, delete, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from alchq import events
 from alchq._binds import Binds
 from alchq._dialects import Claim, Dialect, reached, utc_now
 from alchq._held import Held, label
@@ -34,7 +35,7 @@ from alchq._registry import alive_here, forget_gone, lost_owners, owner_alive
 from alchq._transitions import bump, claim_values, expired, released
 from alchq.config import Settings
 from alchq.exceptions import WorkerLostError
-from alchq.model import BaseQueue, Status, rows_of, task_table, workers_table
+from alchq.model import BaseQueue, Status, key_text, rows_of, task_table, workers_table
 
 logger = logging.getLogger("alchq.worker")
 
@@ -101,6 +102,7 @@ class Rescuer:
                     claim.token,
                     max_lost,
                 )
+                rescued(self.worker_id, model, claim, "PENDING")
             dialect = self.binds.dialect(engine)
             for claim in lost:
                 self._end_lost(session, model, engine, dialect, claim)
@@ -223,6 +225,7 @@ class Rescuer:
                 held.failures = task.alchq_failures
                 held.lost_claims = task.alchq_lost_claims
             outcome = Outcome(Kind.ERROR, gone, None)
+            rescued(self.worker_id, model, claim, "ERROR")
             self.recorder.record(Ran(outcome, task, session), held)
         finally:
             if not self.recorder.holds(held):
@@ -247,3 +250,12 @@ class Rescuer:
         )
         logger.warning("%s: its worker was lost during error(); calling it again", held.label)
         self.recorder.call_error(held, exc)
+
+
+def rescued(worker_id: str, model: type[BaseQueue], claim: Claim, outcome: str) -> None:
+    """A lost worker's task was put back (PENDING) or ended (ERROR) by this worker."""
+    events.emit(
+        events.Event(
+            "task_rescued", worker_id, model.__name__, key_text(claim.pk), claim.token, outcome
+        )
+    )

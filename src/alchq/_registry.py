@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from alchq import events
 from alchq._binds import Binds, refusal, table_missing
 from alchq._dialects import utc_now
 from alchq._link import link
@@ -138,6 +139,7 @@ class Registry:
         self._registered = True
         for place in self.places():
             self._ensure_progress_table(place)
+        events.emit(events.Event("worker_started", self.worker_id))
 
     def _ensure_progress_table(self, place: Place) -> None:
         """Create ``alchq_progress`` beside the registry if it is missing (a database
@@ -172,6 +174,7 @@ class Registry:
         if not self._registered:
             return
         self._registered = False
+        events.emit(events.Event("worker_stopped", self.worker_id))
         link.send("bye", id=self.worker_id)
         for place in self.places():
             try:

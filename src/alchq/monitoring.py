@@ -66,6 +66,7 @@ from alchq.model import (
 __all__ = [
     "MinuteCount",
     "Progress",
+    "QueueDepth",
     "QueueStats",
     "RunningTask",
     "TaskDetail",
@@ -78,7 +79,9 @@ __all__ = [
     "delete",
     "parse_key",
     "progress",
+    "queue_depth",
     "queue_stats",
+    "task_models",
     "retry",
     "task",
     "tasks",
@@ -233,17 +236,27 @@ class WorkerInfo(_Data):
 # -- reading ---------------------------------------------------------------------------
 
 
-def queue_stats(session: Session, model: type[BaseQueue]) -> QueueStats:
-    """``model``'s queue now: counts, readiness, throughput, run times, errors, running tasks."""
+@dataclass(frozen=True)
+class QueueDepth(_Data):
+    """How many tasks wait, and how long the oldest has (the cheap part of :class:`QueueStats`)."""
+
+    model: str
+    counts: dict[str, int]
+    ready: int
+    scheduled: int
+    oldest_ready_age: float | None
+    now: datetime
+
+
+def queue_depth(session: Session, model: type[BaseQueue]) -> QueueDepth:
+    """``model``'s counts by status, ready and scheduled tasks, and the oldest ready one's wait."""
     conn = _connection(session, model)
-    table = task_table(model)
-    c = table.c
+    c = task_table(model).c
     mine = rows_of(model)
     now = _now(conn)
     counts = {s.value: 0 for s in Status}
     for status, n in conn.execute(select(c.status, func.count()).where(mine).group_by(c.status)):
         counts[str(Status(status).value)] = int(n)
-
     due = c.run_at <= now
     pending = conn.execute(
         select(
@@ -255,15 +268,33 @@ def queue_stats(session: Session, model: type[BaseQueue]) -> QueueStats:
     oldest = pending[2]
     if isinstance(oldest, str):  # SQLite: min() of text comes back untyped
         oldest = datetime.fromisoformat(oldest)
-    oldest_age = None if oldest is None else max(0.0, (now - _aware(oldest)).total_seconds())
-
-    return QueueStats(
+    return QueueDepth(
         model=model.__name__,
-        table=table.name,
         counts=counts,
         ready=int(pending[1]),
         scheduled=int(pending[0]) - int(pending[1]),
-        oldest_ready_age=oldest_age,
+        oldest_ready_age=None
+        if oldest is None
+        else max(0.0, (now - _aware(oldest)).total_seconds()),
+        now=now,
+    )
+
+
+def queue_stats(session: Session, model: type[BaseQueue]) -> QueueStats:
+    """``model``'s queue now: counts, readiness, throughput, run times, errors, running tasks."""
+    depth = queue_depth(session, model)
+    conn = _connection(session, model)
+    table = task_table(model)
+    c = table.c
+    mine = rows_of(model)
+    now = depth.now
+    return QueueStats(
+        model=model.__name__,
+        table=table.name,
+        counts=depth.counts,
+        ready=depth.ready,
+        scheduled=depth.scheduled,
+        oldest_ready_age=depth.oldest_ready_age,
         throughput=_throughput(conn, model, now),
         **_run_times(conn, model, now),
         recent_errors=[
@@ -772,6 +803,22 @@ def _bulk(
 
 
 # -- keys and helpers -------------------------------------------------------------------
+
+
+def task_models() -> list[type[BaseQueue]]:
+    """Every mapped task model of this process (BaseQueue subclasses with a table), by name."""
+    found: dict[type[BaseQueue], None] = {}
+    todo = list(BaseQueue.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        try:
+            mapper = inspect(cls)
+        except Exception:  # noqa: S112 - an abstract or unmapped class: not a queue
+            continue
+        if getattr(mapper, "local_table", None) is not None and cls.run is not BaseQueue.run:
+            found[cls] = None
+    return sorted(found, key=lambda m: (m.__name__, m.__module__))
 
 
 def parse_key(model: type[BaseQueue], text: str) -> tuple[Any, ...]:
