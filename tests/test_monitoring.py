@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 from alchq import CancelError, Status, TaskNotFoundError, TaskStateError, events, monitoring, worker
@@ -460,3 +460,24 @@ def test_worker_serves_metrics_on_its_port(workers: Workers, db: Engine) -> None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_prune_deletes_the_progress_of_pruned_tasks_only(db: Engine) -> None:
+    import alchq
+
+    with Session(db) as s:
+        s.add_all([MonProgress(steps=2), MonProgress(steps=2)])
+        s.commit()
+    assert worker.process_all(MonProgress, engine=db) == 2  # an in-process worker reports too
+    notes = progress_table(metadata)
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(notes)).scalar_one() == 2
+    with db.begin() as conn:  # task 2 is kept (pending again); its progress with it
+        table = task_table(MonProgress)
+        conn.execute(update(table).where(table.c.id == 2).values(status="PENDING"))
+    alchq.prune(MonProgress, engine=db, processed=0, error=None, cancelled=None)
+    with db.connect() as conn:
+        left = conn.execute(select(notes.c.task_key)).scalars().all()
+    with Session(db) as s:
+        assert s.get(MonProgress, 1) is None
+    assert left == ["2"]

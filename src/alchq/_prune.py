@@ -21,7 +21,7 @@ from datetime import timedelta
 from types import EllipsisType
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Table, bindparam
+from sqlalchemy import ColumnElement, Engine, String, Table, bindparam, cast, exists, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,15 @@ from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line
 from alchq.config import Settings, parse_age
 from alchq.exceptions import ConfigurationError
-from alchq.model import FINISHED, BaseQueue, Status, check_task_model, rows_of, task_table
+from alchq.model import (
+    FINISHED,
+    BaseQueue,
+    Status,
+    check_task_model,
+    progress_table,
+    rows_of,
+    task_table,
+)
 
 __all__ = ["prune"]
 
@@ -147,10 +155,49 @@ def prune_model(
                 counts[status.value] += deleted
                 if deleted < batch_size:
                     break
+        _prune_progress(binds, session, model, ages, batch_size, stop)
     finally:
         with contextlib.suppress(Exception):
             session.close()
     return counts
+
+
+def _prune_progress(
+    binds: Binds,
+    session: Session,
+    model: type[BaseQueue],
+    ages: Mapping[Status, float | None],
+    batch_size: int,
+    stop: Callable[[], bool],
+) -> None:
+    """Delete the progress rows (``alchq_progress``) of tasks that are gone, once as old
+    as the shortest age: what a task reported is kept while the task is."""
+    kept = [age for age in ages.values() if age is not None]
+    if not kept:
+        return
+    table = task_table(model)
+    notes = progress_table(table.metadata)
+    n = notes.c
+    where = (n.task_table == table.name) & (n.updated_at < utc_now(-min(kept)))
+    pk = list(table.primary_key)
+    if len(pk) == 1:  # key text is the key cast to text; composite keys go by age alone
+        where = where & ~exists(
+            select(pk[0]).where(cast(pk[0], String) == n.task_key).correlate(notes)
+        )
+    dialect = binds.dialect_of(session, model)
+    while not stop():
+        try:
+            conn = binds.connection(session, model, bookkeeping=True)
+            deleted = dialect.delete_batch(conn, notes, where, batch_size)
+            session.commit()
+        except DBAPIError as exc:
+            # A database made before the table existed: nothing to prune there.
+            with contextlib.suppress(Exception):
+                session.rollback()
+            logger.debug("progress rows of %s not pruned: %s", table.name, first_line(exc))
+            return
+        if deleted < batch_size:
+            return
 
 
 def private_session(source: SessionSource) -> Session:
