@@ -231,6 +231,8 @@ def test_small_batches_each_commit(eng: Engine, monkeypatch: pytest.MonkeyPatch)
     real = Dialect.delete_batch
 
     def spy(self: Dialect, conn: Any, table: Any, where: Any, limit: int) -> int:
+        if table.name == "alchq_progress":  # the progress of pruned tasks, pruned after
+            return real(self, conn, table, where, limit)
         # Another connection sees only committed work: each batch must be.
         before = len(ids(eng) & old)
         deleted = real(self, conn, table, where, limit)
