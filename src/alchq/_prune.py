@@ -21,7 +21,7 @@ from datetime import timedelta
 from types import EllipsisType
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, String, Table, bindparam, cast, exists, select
+from sqlalchemy import ColumnElement, Engine, String, Table, cast, exists, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,7 @@ from alchq.model import (
     check_task_model,
     progress_table,
     rows_of,
+    status_is,
     task_table,
 )
 
@@ -220,7 +221,7 @@ def _targets(
         if age is None:
             continue
         cutoff = utc_now(-age)  # the database's clock, like every time alchq compares
-        finished = (c.status == status) & _in_finished_index(c.status)
+        finished = status_is(c.status, status)
         # Two statements rather than one OR: each is a range on the
         # (status, alchq_finished_at) index (NULLs are indexed too).
         targets.append((status, finished & (c.alchq_finished_at < cutoff)))
@@ -228,17 +229,6 @@ def _targets(
             (status, finished & c.alchq_finished_at.is_(None) & (c.time_updated < cutoff))
         )
     return targets
-
-
-def _in_finished_index(status: ColumnElement[Any]) -> ColumnElement[bool]:
-    """The finished-rows index's own predicate, ``status IN ('PROCESSED', ...)``.
-
-    SQLite uses a partial index only for a query that repeats its WHERE term,
-    with the same literals: parameters inside an IN list are not compared by
-    value (PostgreSQL infers it from ``status = ...`` alone).
-    """
-    values = [s.value for s in FINISHED]
-    return status.in_(bindparam("alchq_finished", values, expanding=True, literal_execute=True))
 
 
 def describe(

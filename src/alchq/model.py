@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     event,
     inspect,
     literal_column,
@@ -668,6 +669,29 @@ def add_queue_schema(table: Table) -> None:
             name=_check_name(table, "alchq_counters"),
         )
     )
+
+
+def status_is(status: ColumnElement[Any], *statuses: Status) -> ColumnElement[bool]:
+    """SQL: ``status`` is one of ``statuses``, written so that SQLite uses the partial indexes.
+
+    SQLite uses a partial index only for a query that repeats its WHERE term
+    with the same literals (parameters are not compared by value); PostgreSQL
+    infers it either way. The values are alchq's own status names, never input.
+    """
+    values = [s.value for s in statuses]
+    clause: ColumnElement[bool]
+    if len(values) == 1:  # "IN (one)" is not "=" to SQLite's planner
+        clause = status == bindparam("alchq_status", values[0], literal_execute=True)
+    else:
+        clause = status.in_(
+            bindparam("alchq_statuses", values, expanding=True, literal_execute=True)
+        )
+    if all(s in FINISHED for s in statuses):
+        finished = [s.value for s in FINISHED]
+        clause = clause & status.in_(
+            bindparam("alchq_finished", finished, expanding=True, literal_execute=True)
+        )
+    return clause
 
 
 def ticks_table(metadata: MetaData) -> Table:
