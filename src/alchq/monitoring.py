@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Engine,
     Table,
     and_,
     case,
@@ -53,12 +55,14 @@ from alchq._dialects.types import UTCDateTime
 from alchq._util import first_line
 from alchq.exceptions import CancelError, DatabaseError, TaskNotFoundError, TaskStateError
 from alchq.model import (
+    FINISHED,
     BaseQueue,
     Status,
     key_text,
     progress_table,
     queue_columns,
     rows_of,
+    status_is,
     task_table,
     workers_table,
 )
@@ -254,17 +258,25 @@ def queue_depth(session: Session, model: type[BaseQueue]) -> QueueDepth:
     c = task_table(model).c
     mine = rows_of(model)
     now = _now(conn)
+    # One index each (a count by status of the whole table would scan it).
     counts = {s.value: 0 for s in Status}
-    for status, n in conn.execute(select(c.status, func.count()).where(mine).group_by(c.status)):
+    finished = status_is(c.status, *FINISHED)
+    for status, n in conn.execute(
+        select(c.status, func.count()).where(mine, finished).group_by(c.status)
+    ):
         counts[str(Status(status).value)] = int(n)
+    counts[Status.PROCESSING.value] = conn.execute(
+        select(func.count()).where(mine, status_is(c.status, Status.PROCESSING))
+    ).scalar_one()
     due = c.run_at <= now
     pending = conn.execute(
         select(
             func.count(),
             func.coalesce(func.sum(case((due, 1), else_=0)), 0),
             func.min(case((due, c.run_at))),
-        ).where(mine, c.status == Status.PENDING)
+        ).where(mine, status_is(c.status, Status.PENDING))
     ).one()
+    counts[Status.PENDING.value] = int(pending[0])
     oldest = pending[2]
     if isinstance(oldest, str):  # SQLite: min() of text comes back untyped
         oldest = datetime.fromisoformat(oldest)
@@ -311,7 +323,7 @@ def queue_stats(session: Session, model: type[BaseQueue]) -> QueueStats:
                     c.alchq_error_message,
                     c.alchq_finished_at,
                 )
-                .where(mine, c.status == Status.ERROR)
+                .where(mine, status_is(c.status, Status.ERROR))
                 .order_by(c.alchq_finished_at.desc())
                 .limit(RECENT_ERRORS)
             )
@@ -334,7 +346,7 @@ def _throughput(conn: Connection, model: type[BaseQueue], now: datetime) -> list
         # The finished-tasks index: (status, alchq_finished_at).
         .where(
             rows_of(model),
-            c.status.in_([Status.PROCESSED, Status.ERROR]),
+            status_is(c.status, Status.PROCESSED, Status.ERROR),
             c.alchq_finished_at >= type_coerce(start, UTCDateTime()),
         )
         .group_by(minute, c.status)
@@ -358,7 +370,11 @@ def _run_times(conn: Connection, model: type[BaseQueue], now: datetime) -> dict[
         (end - start).total_seconds()
         for start, end in conn.execute(
             select(c.alchq_started_at, c.alchq_finished_at)
-            .where(rows_of(model), c.status == Status.PROCESSED, c.alchq_finished_at >= since)
+            .where(
+                rows_of(model),
+                status_is(c.status, Status.PROCESSED),
+                c.alchq_finished_at >= since,
+            )
             .order_by(c.alchq_finished_at.desc())
             .limit(RUN_TIME_SAMPLE)
         )
@@ -377,7 +393,7 @@ def _running(conn: Connection, model: type[BaseQueue]) -> list[RunningTask]:
     c = table.c
     rows = conn.execute(
         select(*table.primary_key, c.alchq_worker, c.alchq_started_at, c.alchq_attempts)
-        .where(rows_of(model), c.status == Status.PROCESSING)
+        .where(rows_of(model), status_is(c.status, Status.PROCESSING))
         .order_by(c.alchq_started_at)
         .limit(RUNNING_SHOWN)
     ).all()
@@ -424,6 +440,8 @@ def _progress_of(conn: Connection, table: Table, attempts: dict[str, int]) -> di
     if not attempts:
         return {}
     notes = progress_table(table.metadata)
+    if not _exists(conn, notes):
+        return {}  # a database older than progress, no worker of today's has run on it
     n = notes.c
     found: dict[str, Progress] = {}
     keys = list(attempts)
@@ -466,7 +484,7 @@ def tasks(
         order = [col.desc() for col in pk]
     else:
         state = _status(status)
-        where.append(c.status == state)
+        where.append(status_is(c.status, state))
         if state is Status.PENDING:
             order = [c.priority, c.time_created, *pk]
         elif state is Status.PROCESSING:
@@ -936,6 +954,20 @@ def _clear_errors(session: Session, model: type[BaseQueue]) -> Iterator[None]:
                 "on SQLite a running task that has written holds the whole file"
             ) from exc
         raise
+
+
+#: Tables seen to exist, by engine (once seen, not asked again).
+_seen: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _exists(conn: Connection, table: Table) -> bool:
+    seen = _seen.setdefault(conn.engine, set())
+    if table.fullname in seen:
+        return True
+    if not inspect(conn).has_table(table.name, schema=table.schema):
+        return False
+    seen.add(table.fullname)
+    return True
 
 
 def _connection(session: Session, model: type[BaseQueue]) -> Connection:
