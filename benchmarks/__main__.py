@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from tests.pgserver import PgServer  # noqa: E402
 
-from benchmarks import drain, enqueue, latency  # noqa: E402
+from benchmarks import drain, enqueue, latency, monitoring  # noqa: E402
 
 
 def _latency_rows(name: str, url: str, samples: int) -> list[dict[str, Any]]:
@@ -58,6 +58,18 @@ def _drain_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _stats_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        ceiling = "vs_count" not in r
+        out.append(
+            {"db": r["db"], "what": f"monitoring: {r['what']}"[:46], "value": r["ms"],
+             "unit": "ms", "ratio": None if ceiling else r["vs_count"],
+             "ceiling": "" if ceiling else "a bare count(*) of the table"}
+        )  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks per drain")
@@ -70,13 +82,14 @@ def main() -> None:
     logging.getLogger("alchq").setLevel(logging.WARNING)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:
-        for db in ("enqueue", "latency", "drain"):
+        for db in ("enqueue", "latency", "drain", "stats"):
             pg.createdb(db)
         rows += enqueue.rows("sqlite", f"sqlite:///{tmp}/enqueue.sqlite", args.enqueue_tasks)
         rows += enqueue.rows("postgresql", pg.url("enqueue"), args.enqueue_tasks)
         rows += _latency_rows("sqlite", f"sqlite:///{tmp}/latency.sqlite", args.samples)
         rows += _latency_rows("postgresql", pg.url("latency"), args.samples)
         rows += _drain_rows(drain.run_all(args.tasks, args.finished, pg.url("drain"), tmp))
+        rows += _stats_rows(monitoring.run_all(args.finished, pg.url("stats"), tmp))
         mem = drain.memory(f"sqlite:///{tmp}/memory.sqlite", args.memory_tasks, tmp)
         early, end = mem["rss_early_mb"], mem["rss_end_mb"]
         rows.append(
