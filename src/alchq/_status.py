@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -91,7 +90,9 @@ def mapped_models() -> list[type[BaseQueue]]:
     return sorted(found, key=lambda m: (m.__name__, m.__module__))
 
 
-def resolve_models(refs: Sequence[str], known: Sequence[type[BaseQueue]] | None) -> list[Any]:
+def resolve_models(
+    refs: Sequence[str], known: Sequence[type[BaseQueue]] | None
+) -> list[type[BaseQueue]]:
     """``module:Class`` references imported; with ``known`` (a Flask app's models), a
     bare class name too."""
     models: list[type[BaseQueue]] = []
