@@ -63,6 +63,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _count(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in LOG_LEVELS:
@@ -114,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="processes",
         help="with --concurrency: worker processes (default; one that dies is replaced) "
         "or threads (for I/O-bound tasks)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (needs alchq[prometheus])",
     )
     run.add_argument(
         "--log-level",
@@ -288,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_tasks=args.max_tasks,
                     concurrency=args.concurrency,
                     pool=args.pool,
+                    metrics_port=args.metrics_port,
                 )
         elif args.command == "create-tables":
             with _models_and_engine(args) as (models, engine):

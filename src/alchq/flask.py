@@ -134,6 +134,13 @@ def _guard_sqlite_files(
     "or threads for I/O-bound tasks.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (needs alchq[prometheus]).",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -148,6 +155,7 @@ def run_command(
     max_tasks: int | None,
     concurrency: int | None,
     pool: str,
+    metrics_port: int | None,
     log_level: str,
 ) -> None:
     """Run a worker for one or more task models."""
@@ -163,6 +171,7 @@ def run_command(
         max_tasks=max_tasks,
         concurrency=concurrency,
         pool=pool,
+        metrics_port=metrics_port,
     )
     if status:
         sys.exit(status)
