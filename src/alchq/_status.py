@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Engine, inspect, select, type_coerce
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Session
 
 from alchq import monitoring
 from alchq._binds import engine_of, table_missing
@@ -43,7 +43,6 @@ from alchq.exceptions import (
 from alchq.model import (
     BaseQueue,
     Status,
-    check_task_model,
     progress_table,
     task_table,
     workers_table,
@@ -74,20 +73,7 @@ class Commands:
 
 def mapped_models() -> list[type[BaseQueue]]:
     """Every usable task model imported so far (mapped, with run()), by name."""
-    found: dict[type[BaseQueue], None] = {}
-    pending = list(BaseQueue.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        mapper = inspect(cls, raiseerr=False)
-        if not isinstance(mapper, Mapper):
-            continue  # an abstract mixin of the app's
-        try:
-            check_task_model(cls)
-        except AlchqError:
-            continue
-        found[cls] = None
-    return sorted(found, key=lambda m: (m.__name__, m.__module__))
+    return monitoring.task_models()
 
 
 def resolve_models(

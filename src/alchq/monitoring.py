@@ -48,16 +48,23 @@ from sqlalchemy import (
 )
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session
 
 from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq._util import first_line
-from alchq.exceptions import CancelError, DatabaseError, TaskNotFoundError, TaskStateError
+from alchq.exceptions import (
+    AlchqError,
+    CancelError,
+    DatabaseError,
+    TaskNotFoundError,
+    TaskStateError,
+)
 from alchq.model import (
     FINISHED,
     BaseQueue,
     Status,
+    check_task_model,
     key_text,
     progress_table,
     queue_columns,
@@ -824,18 +831,19 @@ def _bulk(
 
 
 def task_models() -> list[type[BaseQueue]]:
-    """Every mapped task model of this process (BaseQueue subclasses with a table), by name."""
+    """Every usable task model imported so far (mapped, with run()), by name."""
     found: dict[type[BaseQueue], None] = {}
-    todo = list(BaseQueue.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
+    pending = list(BaseQueue.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if not isinstance(inspect(cls, raiseerr=False), Mapper):
+            continue  # an abstract mixin of the app's
         try:
-            mapper = inspect(cls)
-        except Exception:  # noqa: S112 - an abstract or unmapped class: not a queue
+            check_task_model(cls)
+        except AlchqError:
             continue
-        if getattr(mapper, "local_table", None) is not None and cls.run is not BaseQueue.run:
-            found[cls] = None
+        found[cls] = None
     return sorted(found, key=lambda m: (m.__name__, m.__module__))
 
 

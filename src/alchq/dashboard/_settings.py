@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import Flask, Request
-from sqlalchemy import Table, inspect
-from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Session
 
+from alchq import monitoring
 from alchq.model import BaseQueue
 
 __all__ = ["HIDDEN", "NO_CHECKS", "DashboardSettings", "mapped_task_models"]
@@ -35,23 +34,8 @@ NO_CHECKS = (
 
 
 def mapped_task_models() -> list[type[BaseQueue]]:
-    """Every mapped BaseQueue subclass that has a table, in definition order."""
-    found: list[type[BaseQueue]] = []
-    pending: list[type[BaseQueue]] = list(BaseQueue.__subclasses__())
-    seen: set[type[BaseQueue]] = set()
-    while pending:
-        cls = pending.pop(0)
-        if cls in seen:
-            continue
-        seen.add(cls)
-        pending.extend(cls.__subclasses__())
-        try:
-            mapper = inspect(cls)
-        except NoInspectionAvailable:
-            continue  # an abstract intermediate class
-        if isinstance(mapper.local_table, Table):
-            found.append(cls)
-    return found
+    """Every usable task model imported so far (mapped, with run()), by name."""
+    return monitoring.task_models()
 
 
 class DashboardSettings:
