@@ -15,6 +15,7 @@ import enum
 import json
 import math
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -62,7 +63,7 @@ from alchq import _progress
 from alchq._dialects import dialect_for, ready_index_kwargs, utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq._notify import note_insert
-from alchq.exceptions import CancelError, TaskDefinitionError
+from alchq.exceptions import CancelError, TaskDefinitionError, TaskNotFoundError
 from alchq.scheduling import Periodic, Retry
 
 __all__ = ["BaseQueue", "Enqueued", "Status", "metadata", "task_table"]
@@ -779,6 +780,56 @@ def key_text(pk: Sequence[Any]) -> str:
     if len(pk) == 1:
         return str(pk[0])
     return json.dumps([v if isinstance(v, (int, str)) else str(v) for v in pk])
+
+
+def key_values(model: type[BaseQueue], key: Any) -> tuple[Any, ...]:
+    """A task's primary key values from a key as given: a task, a tuple, a value, or
+    its text (:func:`key_text`); :class:`alchq.TaskNotFoundError` if it cannot be one."""
+    columns = list(task_table(model).primary_key)
+    if isinstance(key, BaseQueue):
+        ident = inspect(key).identity
+        if ident is None:
+            raise TaskNotFoundError(f"{key!r} was never saved")
+        return tuple(ident)
+    if isinstance(key, tuple):
+        values = list(key)
+    elif len(columns) == 1:
+        values = [key]
+    else:
+        try:
+            values = json.loads(key) if isinstance(key, str) else list(key)
+        except (ValueError, TypeError):
+            values = []
+        if not isinstance(values, list):
+            values = []
+    if len(values) != len(columns):
+        raise TaskNotFoundError(
+            f"{model.__name__}: {key!r} is not a key of this model "
+            f"({len(columns)} column{'s' if len(columns) > 1 else ''}: "
+            f"{', '.join(c.name for c in columns)})"
+        )
+    return tuple(_typed_key(model, col, v) for col, v in zip(columns, values, strict=True))
+
+
+def _typed_key(model: type[BaseQueue], column: Any, value: Any) -> Any:
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return value
+    if isinstance(value, kind):
+        return value
+    try:
+        if kind is int and not isinstance(value, bool):
+            return int(str(value).strip())
+        if kind is uuid.UUID:
+            return uuid.UUID(str(value))
+        if kind is str:
+            return str(value)
+    except ValueError:
+        raise TaskNotFoundError(
+            f"{model.__name__}: {value!r} is not a valid {column.name} ({kind.__name__})"
+        ) from None
+    return value
 
 
 def _check_name(table: Table, name: str) -> str:

@@ -21,9 +21,7 @@ Actions flush but do not commit, except :func:`bulk`, which commits each batch.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -66,6 +64,7 @@ from alchq.model import (
     Status,
     check_task_model,
     key_text,
+    key_values,
     progress_table,
     queue_columns,
     rows_of,
@@ -432,7 +431,7 @@ def progress(session: Session, model: type[BaseQueue], key: Any) -> Progress | N
     """
     conn = _connection(session, model)
     table = task_table(model)
-    pk = _key_values(model, key)
+    pk = key_values(model, key)
     attempts = conn.execute(
         select(table.c.alchq_attempts).where(*_match(table, pk), rows_of(model))
     ).scalar_one_or_none()
@@ -510,7 +509,7 @@ def task(session: Session, model: type[BaseQueue], key: Any) -> TaskDetail | Non
     """One task, all its columns and its bookkeeping; None if there is no such task."""
     conn = _connection(session, model)
     table = task_table(model)
-    pk = _key_values(model, key)
+    pk = key_values(model, key)
     row = conn.execute(select(table).where(*_match(table, pk), rows_of(model))).first()
     if row is None:
         return None
@@ -592,7 +591,7 @@ def retry(session: Session, model: type[BaseQueue], key: Any) -> None:
 def _retry(session: Session, model: type[BaseQueue], key: Any) -> None:
     conn = _connection(session, model)
     table = task_table(model)
-    pk = _key_values(model, key)
+    pk = key_values(model, key)
     done = _retry_where(conn, model, _match(table, pk))
     if done != 1:
         status = _status_of(conn, model, pk)
@@ -641,7 +640,7 @@ def cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
 def _cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
     conn = _connection(session, model)
     table = task_table(model)
-    pk = _key_values(model, key)
+    pk = key_values(model, key)
     if _cancel_pending(conn, model, _match(table, pk)) == 1:
         return Status.CANCELLED
     row = conn.execute(
@@ -720,7 +719,7 @@ def delete(session: Session, model: type[BaseQueue], key: Any) -> None:
 def _delete(session: Session, model: type[BaseQueue], key: Any) -> None:
     conn = _connection(session, model)
     table = task_table(model)
-    pk = _key_values(model, key)
+    pk = key_values(model, key)
     done = _delete_where(conn, model, _match(table, pk))
     if done != 1:
         status = _status_of(conn, model, pk)
@@ -849,55 +848,7 @@ def task_models() -> list[type[BaseQueue]]:
 
 def parse_key(model: type[BaseQueue], text: str) -> tuple[Any, ...]:
     """A task key given as text (``"42"``; ``'[1, "a"]'`` when composite) as column values."""
-    return _key_values(model, text)
-
-
-def _key_values(model: type[BaseQueue], key: Any) -> tuple[Any, ...]:
-    columns = list(task_table(model).primary_key)
-    if isinstance(key, BaseQueue):
-        ident = inspect(key).identity
-        if ident is None:
-            raise TaskNotFoundError(f"{key!r} was never saved")
-        return tuple(ident)
-    if isinstance(key, tuple):
-        values = list(key)
-    elif len(columns) == 1:
-        values = [key]
-    else:
-        try:
-            values = json.loads(key) if isinstance(key, str) else list(key)
-        except (ValueError, TypeError):
-            values = []
-        if not isinstance(values, list):
-            values = []
-    if len(values) != len(columns):
-        raise TaskNotFoundError(
-            f"{model.__name__}: {key!r} is not a key of this model "
-            f"({len(columns)} column{'s' if len(columns) > 1 else ''}: "
-            f"{', '.join(c.name for c in columns)})"
-        )
-    return tuple(_typed(model, col, v) for col, v in zip(columns, values, strict=True))
-
-
-def _typed(model: type[BaseQueue], column: Any, value: Any) -> Any:
-    try:
-        kind = column.type.python_type
-    except NotImplementedError:
-        return value
-    if isinstance(value, kind):
-        return value
-    try:
-        if kind is int and not isinstance(value, bool):
-            return int(str(value).strip())
-        if kind is uuid.UUID:
-            return uuid.UUID(str(value))
-        if kind is str:
-            return str(value)
-    except ValueError:
-        raise TaskNotFoundError(
-            f"{model.__name__}: {value!r} is not a valid {column.name} ({kind.__name__})"
-        ) from None
-    return value
+    return key_values(model, text)
 
 
 def _match(table: Table, pk: Sequence[Any]) -> list[ColumnElement[bool]]:
