@@ -21,7 +21,7 @@ from datetime import timedelta
 from types import EllipsisType
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, String, Table, cast, exists, select
+from sqlalchemy import ColumnElement, Engine, Table, delete, select, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -30,12 +30,13 @@ from alchq._dialects import utc_now
 from alchq._sessions import SessionSource, resolve
 from alchq._util import first_line
 from alchq.config import Settings, parse_age
-from alchq.exceptions import ConfigurationError
+from alchq.exceptions import ConfigurationError, TaskNotFoundError
 from alchq.model import (
     FINISHED,
     BaseQueue,
     Status,
     check_task_model,
+    key_values,
     progress_table,
     rows_of,
     status_is,
@@ -172,24 +173,47 @@ def _prune_progress(
     stop: Callable[[], bool],
 ) -> None:
     """Delete the progress rows (``alchq_progress``) of tasks that are gone, once as old
-    as the shortest age: what a task reported is kept while the task is."""
+    as the shortest age: what a task reported is kept while the task is.
+
+    A batch of old progress rows at a time; their tasks are looked up by primary
+    key (the keys read back from their text), never by a scan of the task table.
+    """
     kept = [age for age in ages.values() if age is not None]
     if not kept:
         return
     table = task_table(model)
     notes = progress_table(table.metadata)
     n = notes.c
-    where = (n.task_table == table.name) & (n.updated_at < utc_now(-min(kept)))
+    old = (n.task_table == table.name) & (n.updated_at < utc_now(-min(kept)))
     pk = list(table.primary_key)
-    if len(pk) == 1:  # key text is the key cast to text; composite keys go by age alone
-        where = where & ~exists(
-            select(pk[0]).where(cast(pk[0], String) == n.task_key).correlate(notes)
-        )
-    dialect = binds.dialect_of(session, model)
+    key = tuple_(*pk) if len(pk) > 1 else pk[0]
+    after: str | None = None
     while not stop():
         try:
             conn = binds.connection(session, model, bookkeeping=True)
-            deleted = dialect.delete_batch(conn, notes, where, batch_size)
+            page = select(n.task_key).where(old).order_by(n.task_key).limit(batch_size)
+            if after is not None:
+                page = page.where(n.task_key > after)
+            texts = list(conn.execute(page).scalars())
+            if not texts:
+                session.commit()
+                return
+            after = texts[-1]
+            keys: dict[tuple[Any, ...], str] = {}
+            for text in texts:
+                with contextlib.suppress(TaskNotFoundError):  # unreadable: its task is gone
+                    keys[key_values(model, text)] = text
+            found = (
+                conn.execute(
+                    select(*pk).where(key.in_([k if len(k) > 1 else k[0] for k in keys]))
+                ).all()
+                if keys
+                else []
+            )
+            alive = {keys[tuple(row)] for row in found if tuple(row) in keys}
+            gone = [t for t in texts if t not in alive]
+            if gone:
+                conn.execute(delete(notes).where(n.task_table == table.name, n.task_key.in_(gone)))
             session.commit()
         except DBAPIError as exc:
             # A database made before the table existed: nothing to prune there.
@@ -197,7 +221,7 @@ def _prune_progress(
                 session.rollback()
             logger.debug("progress rows of %s not pruned: %s", table.name, first_line(exc))
             return
-        if deleted < batch_size:
+        if len(texts) < batch_size:
             return
 
 
