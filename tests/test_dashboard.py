@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from flask import Flask, Request
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Integer, String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from alchq import ConfigurationError
 from alchq.dashboard import HIDDEN, Dashboard, mapped_task_models
 from tests.dashboard_app import (
     DashTask,
@@ -386,6 +388,35 @@ def test_register_blueprint_and_prefix(db_url: str, engine: Engine) -> None:
         assert client.get("/alchq/").status_code == 404
     finally:
         dispose(app)
+
+
+class _PlainBase(DeclarativeBase):
+    pass
+
+
+class _Secret(_PlainBase):
+    """Mapped, single-table inheritance, not a task model (the discovery must not see it)."""
+
+    __tablename__ = "dash_secret"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="base")
+    token: Mapped[str | None] = mapped_column("tok", String(50))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "base"}
+
+
+class _SecretChild(_Secret):
+    __mapper_args__ = {"polymorphic_identity": "child"}
+
+
+def test_hidden_columns_hold_for_subclasses_and_column_names() -> None:
+    base: Any = _Secret
+    child: Any = _SecretChild
+    by_attribute = Dashboard(can_read=allow, hidden_columns={base: ["token"]})
+    assert "token" in by_attribute.hidden_columns(child)  # a subclass's rows hold it too
+    by_column = Dashboard(can_read=allow, hidden_columns={base: ["tok"]})
+    assert "token" in by_column.hidden_columns(base)  # the column's own name
+    with pytest.raises(ConfigurationError, match="no column 'tokn'"):
+        Dashboard(can_read=allow, hidden_columns={base: ["tokn"]})
 
 
 def test_models_none_finds_the_mapped_task_models() -> None:

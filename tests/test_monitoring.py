@@ -481,3 +481,12 @@ def test_prune_deletes_the_progress_of_pruned_tasks_only(db: Engine) -> None:
     with Session(db) as s:
         assert s.get(MonProgress, 1) is None
     assert left == ["2"]
+
+
+def test_task_models_are_one_per_table() -> None:
+    from tests.models_inherit import InhBigExport, InhExport, InhTask
+
+    found = monitoring.task_models()
+    assert InhTask in found  # its counts hold its subclasses' rows
+    assert InhExport not in found and InhBigExport not in found
+    assert MonQuick in found and MonProgress in found

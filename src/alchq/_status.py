@@ -104,7 +104,7 @@ def app_models(session: Session, command: str) -> list[type[BaseQueue]]:
     """The models of ``flask alchq status`` without arguments: every imported task model
     whose table exists in its database, one per table (single-table subclasses are in
     their base's counts; name them to see them apart)."""
-    roots = [m for m in mapped_models() if inspect(m).inherits is None]
+    roots = mapped_models()  # one per table
     found: list[type[BaseQueue]] = []
     with database_errors(session, roots, command):
         for model in roots:

@@ -830,14 +830,19 @@ def _bulk(
 
 
 def task_models() -> list[type[BaseQueue]]:
-    """Every usable task model imported so far (mapped, with run()), by name."""
+    """Every usable task model imported so far (mapped, with run()), one per table, by name.
+
+    A single-table subclass is left out: its rows are in its base's counts (a
+    dashboard or a sum of metrics would count them twice); name it to see it apart.
+    """
     found: dict[type[BaseQueue], None] = {}
     pending = list(BaseQueue.__subclasses__())
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if not isinstance(inspect(cls, raiseerr=False), Mapper):
-            continue  # an abstract mixin of the app's
+        mapper = inspect(cls, raiseerr=False)
+        if not isinstance(mapper, Mapper) or mapper.inherits is not None:
+            continue  # an abstract mixin of the app's, or a subclass in its base's table
         try:
             check_task_model(cls)
         except AlchqError:

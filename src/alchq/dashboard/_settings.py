@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import Flask, Request
+from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
 from alchq import monitoring
+from alchq.exceptions import ConfigurationError
 from alchq.model import BaseQueue
 
 __all__ = ["HIDDEN", "NO_CHECKS", "DashboardSettings", "mapped_task_models"]
@@ -38,6 +40,21 @@ def mapped_task_models() -> list[type[BaseQueue]]:
     return monitoring.task_models()
 
 
+def _check_hidden(model: type[BaseQueue], names: Iterable[str]) -> None:
+    """An unknown name would show the secret it was meant to hide: refuse it at once."""
+    mapper = inspect(model, raiseerr=False)
+    if mapper is None:
+        return
+    known = {attr.key for attr in mapper.column_attrs} | {
+        col.name for attr in mapper.column_attrs for col in attr.columns
+    }
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"hidden_columns: {model.__name__} has no column {', '.join(map(repr, unknown))}"
+        )
+
+
 class DashboardSettings:
     """The dashboard's settings and access rules; :class:`alchq.dashboard.Dashboard`
     adds the blueprint and documents the parameters."""
@@ -59,10 +76,14 @@ class DashboardSettings:
         self.can_read = can_read
         self.can_act = can_act
         self.read_only = read_only
-        self._hidden = {
-            (k if isinstance(k, str) else k.__name__): frozenset(v)
-            for k, v in (hidden_columns or {}).items()
-        }
+        self._hidden: dict[str, frozenset[str]] = {}
+        for key, names in (hidden_columns or {}).items():
+            if isinstance(names, str):
+                names = [names]  # a single column, not its letters
+            if not isinstance(key, str):
+                _check_hidden(key, names)
+            name = key if isinstance(key, str) else key.__name__
+            self._hidden[name] = self._hidden.get(name, frozenset()) | frozenset(names)
         self.url_prefix = url_prefix.rstrip("/")
         self.allow_unauthenticated = allow_unauthenticated
         self.session_factory = session_factory
@@ -128,9 +149,18 @@ class DashboardSettings:
         }
 
     def hidden_columns(self, model: type[BaseQueue]) -> frozenset[str]:
-        return self._hidden.get(model.__name__, frozenset()) | self._hidden.get(
-            f"{model.__module__}.{model.__name__}", frozenset()
-        )
+        """The attribute names hidden for ``model``: given for it or for any of its bases
+        (a subclass's rows hold its base's secrets), by attribute or column name."""
+        names: set[str] = set()
+        for cls in model.__mro__:
+            names |= self._hidden.get(cls.__name__, frozenset())
+            names |= self._hidden.get(f"{cls.__module__}.{cls.__name__}", frozenset())
+        mapper = inspect(model, raiseerr=False)
+        if mapper is not None:
+            for attr in mapper.column_attrs:
+                if any(col.name in names for col in attr.columns):
+                    names.add(attr.key)
+        return frozenset(names)
 
     def hide(self, model: type[BaseQueue], columns: Mapping[str, Any]) -> dict[str, Any]:
         """``columns`` with the model's hidden ones replaced by :data:`HIDDEN`."""
