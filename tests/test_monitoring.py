@@ -490,3 +490,67 @@ def test_task_models_are_one_per_table() -> None:
     assert InhTask in found  # its counts hold its subclasses' rows
     assert InhExport not in found and InhBigExport not in found
     assert MonQuick in found and MonProgress in found
+
+
+def test_actions_on_lost_owed_and_reused_tasks(db: Engine) -> None:
+    table = task_table(MonQuick)
+    notes = progress_table(metadata)
+    with Session(db) as s:
+        s.add_all([MonQuick() for _ in range(4)])
+        s.commit()
+    with db.begin() as conn:
+        # 1: running under a worker that is gone (no registry row), its lease over.
+        conn.execute(
+            update(table)
+            .where(table.c.id == 1)
+            .values(
+                status="PROCESSING",
+                alchq_worker="ghost:1:x",
+                alchq_attempts=1,
+                alchq_lease_until=datetime(2000, 1, 1, tzinfo=timezone.utc),
+            )
+        )
+        # 2: ERROR whose error() a worker is still calling (its lease runs).
+        conn.execute(
+            update(table)
+            .where(table.c.id == 2)
+            .values(
+                status="ERROR",
+                alchq_lease_until=datetime(2100, 1, 1, tzinfo=timezone.utc),
+            )
+        )
+        # 3: a new task whose key an old task's progress row still holds.
+        conn.execute(
+            update(table)
+            .where(table.c.id == 3)
+            .values(
+                status="PROCESSING",
+                alchq_worker="w",
+                alchq_attempts=1,
+                alchq_started_at=datetime(2030, 1, 1, tzinfo=timezone.utc),
+            )
+        )
+        conn.execute(
+            notes.insert().values(
+                task_table=table.name,
+                task_key="3",
+                attempt=1,
+                fraction=1.0,
+                message="the old task's",
+                updated_at=datetime(2029, 1, 1, tzinfo=timezone.utc),
+            )
+        )
+    with Session(db) as s:
+        assert monitoring.cancel(s, MonQuick, 1) is Status.CANCELLED  # nobody would see a request
+        with pytest.raises(TaskStateError):
+            monitoring.retry(s, MonQuick, 2)
+        with pytest.raises(TaskStateError):
+            monitoring.delete(s, MonQuick, 2)
+        assert monitoring.progress(s, MonQuick, 3) is None
+        assert monitoring.queue_stats(s, MonQuick).running[0].progress is None
+        # Bulk actions touch only the tasks they apply to.
+        assert monitoring.bulk(s, MonQuick, "retry", status="PENDING") == 0
+        assert monitoring.bulk(s, MonQuick, "retry") == 1  # task 1 (CANCELLED); 2's error() runs
+        s.commit()
+        counts = monitoring.queue_stats(s, MonQuick).counts
+    assert counts == {"PENDING": 2, "PROCESSING": 1, "PROCESSED": 0, "ERROR": 1, "CANCELLED": 0}

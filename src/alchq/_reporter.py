@@ -21,7 +21,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, case, exists, insert, inspect, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    case,
+    exists,
+    insert,
+    inspect,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from alchq._binds import Binds
@@ -53,6 +64,7 @@ class Reporter:
         self._checked = 0.0
         #: Databases without the alchq_progress table (said once, then skipped).
         self._missing: set[Engine] = set()
+        self._present: set[Engine] = set()
 
     def begin(self, held: Held) -> None:
         """A task's run() starts (its thread)."""
@@ -93,8 +105,8 @@ class Reporter:
     def _write(self, held: Held, own: Callable[[], Connection] | None) -> None:
         if held.engine in self._missing or self._value is None:
             return
+        self._dirty = False  # first: a report() from now on is written next time
         fraction, message = self._value
-        self._dirty = False
         self._written = time.monotonic()
         try:
             with self.binds.connect(held.engine) as conn:
@@ -104,7 +116,11 @@ class Reporter:
                     conn.commit()
                 else:
                     conn.rollback()
-        except DBAPIError as exc:
+        except Exception as exc:  # progress must never fail the task: say it, go on
+            if not isinstance(exc, DBAPIError):
+                self._dirty = own is None
+                logger.debug("%s: progress not written: %s", held.label, first_line(exc))
+                return
             # A lock (SQLite: run() has written) or a blip: in run()'s own
             # transaction at the end, else at the next tick.
             if own is not None and self._write_in_run(held, own, fraction, message):
@@ -127,15 +143,18 @@ class Reporter:
             conn = own()
             with conn.begin_nested():
                 _upsert(conn, held, fraction, message)
-        except DBAPIError as exc:
+        except Exception as exc:
             logger.debug("%s: last progress not written: %s", held.label, first_line(exc))
             return False
         return True
 
     def _table_missing(self, held: Held) -> bool:
+        if held.engine in self._present:
+            return False
         table = progress_table(held.table.metadata)
         try:
             if inspect(held.engine).has_table(table.name, schema=table.schema):
+                self._present.add(held.engine)
                 return False
         except DBAPIError:
             return False
@@ -160,13 +179,30 @@ class Reporter:
                         n.task_table == held.table.name,
                         n.task_key == key_text(held.claim.pk),
                         n.attempt == held.claim.token,
+                        # Made during this claim: not a request for a deleted task
+                        # whose key (and attempt number) this one reuses.
+                        _claim_of(held, held.table.c.alchq_started_at <= n.cancel_requested_at),
                     )
                 ).scalar_one_or_none()
                 conn.rollback()
-        except DBAPIError as exc:
+        except Exception as exc:
             logger.debug("%s: could not look for a cancel request: %s", held.label, first_line(exc))
             return False
         return requested is not None
+
+
+def _claim_of(held: Held, *also: ColumnElement[bool]) -> ColumnElement[bool]:
+    """SQL: the task's row is still under ``held``'s claim (and ``also`` holds of it)."""
+    table = held.table
+    return exists(
+        select(literal(1))
+        .select_from(table)
+        .where(
+            *[col == v for col, v in zip(table.primary_key, held.claim.pk, strict=True)],
+            held.still_ours(),
+            *also,
+        )
+    )
 
 
 def _upsert(conn: Connection, held: Held, fraction: float | None, message: str | None) -> bool:
@@ -174,14 +210,7 @@ def _upsert(conn: Connection, held: Held, fraction: float | None, message: str |
     notes = progress_table(held.table.metadata)
     n = notes.c
     table = held.table
-    ours = exists(
-        select(literal(1))
-        .select_from(table)
-        .where(
-            *[col == v for col, v in zip(table.primary_key, held.claim.pk, strict=True)],
-            held.still_ours(),
-        )
-    )
+    ours = _claim_of(held)
     key = key_text(held.claim.pk)
     token = held.claim.token
     changed = conn.execute(

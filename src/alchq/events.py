@@ -126,6 +126,16 @@ _worker_log = logging.getLogger("alchq.worker")
 
 def log_task_event(event: Event) -> None:
     """alchq's task log lines: one per start (DEBUG within a batch), one per outcome."""
+    if event.kind == "task_started":
+        level = logging.DEBUG if event.batched else logging.INFO
+    elif event.kind == "task_finished":
+        level = logging.INFO if event.detail is None else logging.WARNING
+    elif event.kind == "task_retried":
+        level = logging.INFO if event.outcome == "SNOOZED" else logging.WARNING
+    else:
+        return
+    if not _worker_log.isEnabledFor(level):
+        return  # thousands of tasks a second: build nothing nobody reads
     label = f"{event.model} {event.task_id}"
     extra = {
         "alchq_model": event.model,
@@ -135,9 +145,7 @@ def log_task_event(event: Event) -> None:
         "alchq_duration": event.duration,
     }
     if event.kind == "task_started":
-        level = logging.DEBUG if event.batched else logging.INFO
-        if _worker_log.isEnabledFor(level):
-            _worker_log.log(level, "%s started (attempt %d)", label, event.attempt, extra=extra)
+        _worker_log.log(level, "%s started (attempt %d)", label, event.attempt, extra=extra)
     elif event.kind == "task_finished":
         if event.detail is None:
             _worker_log.info("%s %s in %.3fs", label, event.outcome, event.duration, extra=extra)

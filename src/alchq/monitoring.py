@@ -50,6 +50,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.types import UTCDateTime
+from alchq._registry import owner_alive
 from alchq._util import first_line
 from alchq.exceptions import (
     AlchqError,
@@ -404,7 +405,7 @@ def _running(conn: Connection, model: type[BaseQueue]) -> list[RunningTask]:
         .limit(RUNNING_SHOWN)
     ).all()
     keys = [(key_text(_pk(table, r)), r) for r in rows]
-    notes = _progress_of(conn, table, {k: int(r.alchq_attempts) for k, r in keys})
+    notes = _progress_of(conn, table, {k: _claim(r) for k, r in keys})
     return [
         RunningTask(
             key=k,
@@ -432,17 +433,29 @@ def progress(session: Session, model: type[BaseQueue], key: Any) -> Progress | N
     conn = _connection(session, model)
     table = task_table(model)
     pk = key_values(model, key)
-    attempts = conn.execute(
-        select(table.c.alchq_attempts).where(*_match(table, pk), rows_of(model))
-    ).scalar_one_or_none()
-    if attempts is None:
+    row = conn.execute(
+        select(table.c.alchq_attempts, table.c.alchq_started_at).where(
+            *_match(table, pk), rows_of(model)
+        )
+    ).first()
+    if row is None:
         return None
     text = key_text(pk)
-    return _progress_of(conn, table, {text: int(attempts)}).get(text)
+    return _progress_of(conn, table, {text: _claim(row)}).get(text)
 
 
-def _progress_of(conn: Connection, table: Table, attempts: dict[str, int]) -> dict[str, Progress]:
-    """Progress rows of ``table``'s tasks (key text → current attempt), current ones only."""
+def _claim(row: Any) -> tuple[int, datetime | None]:
+    """A task row's claim, as its progress must match: its attempt, and when it began."""
+    return int(row.alchq_attempts), row.alchq_started_at
+
+
+def _progress_of(
+    conn: Connection, table: Table, claims: dict[str, tuple[int, datetime | None]]
+) -> dict[str, Progress]:
+    """Progress rows of ``table``'s tasks (key text → its claim), of that claim only: not
+    an earlier attempt's, nor a deleted task's whose key a new task reuses (its row is
+    older than the claim)."""
+    attempts = claims
     if not attempts:
         return {}
     notes = progress_table(table.metadata)
@@ -455,7 +468,8 @@ def _progress_of(conn: Connection, table: Table, attempts: dict[str, int]) -> di
         for row in conn.execute(
             select(notes).where(n.task_table == table.name, n.task_key.in_(keys[i : i + 500]))
         ):
-            if row.attempt == attempts[row.task_key]:
+            attempt, began = attempts[row.task_key]
+            if row.attempt == attempt and (began is None or row.updated_at >= began):
                 found[row.task_key] = Progress(
                     fraction=row.fraction,
                     message=row.message,
@@ -501,7 +515,7 @@ def tasks(
     rows = conn.execute(
         select(table).where(*where).order_by(*order).limit(max(0, limit)).offset(max(0, offset))
     ).all()
-    notes = _progress_of(conn, table, {key_text(_pk(table, r)): r.alchq_attempts for r in rows})
+    notes = _progress_of(conn, table, {key_text(_pk(table, r)): _claim(r) for r in rows})
     return TaskPage([_summary(table, r, notes) for r in rows], int(total))
 
 
@@ -513,7 +527,7 @@ def task(session: Session, model: type[BaseQueue], key: Any) -> TaskDetail | Non
     row = conn.execute(select(table).where(*_match(table, pk), rows_of(model))).first()
     if row is None:
         return None
-    notes = _progress_of(conn, table, {key_text(pk): int(row.alchq_attempts)})
+    notes = _progress_of(conn, table, {key_text(pk): _claim(row)})
     summary = _summary(table, row, notes)
     own = {col.name for col in queue_columns()}
     mapper = inspect(model)
@@ -609,7 +623,12 @@ def _retry_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any])
             return int(
                 conn.execute(
                     update(table)
-                    .where(*where, rows_of(model), c.status.in_([Status.ERROR, Status.CANCELLED]))
+                    .where(
+                        *where,
+                        rows_of(model),
+                        c.status.in_([Status.ERROR, Status.CANCELLED]),
+                        _no_error_owed(table),
+                    )
                     .values(
                         status=Status.PENDING,
                         run_at=utc_now(),
@@ -656,8 +675,35 @@ def _cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
             f"{model.__name__} {key_text(pk)} is {status}: only a PENDING or PROCESSING "
             "task can be cancelled"
         )
+    if _cancel_lost(conn, model, _match(table, pk)) == 1:
+        return Status.CANCELLED  # its worker is gone: nobody would see a request
     _request_cancel(conn, table, key_text(pk), int(row.alchq_attempts))
     return Status.PROCESSING
+
+
+def _cancel_lost(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
+    """End CANCELLED the PROCESSING tasks whose claim is lost (lease over, worker gone),
+    fenced as a rescue is: a live worker's task, or one rescued meanwhile, is left."""
+    table = task_table(model)
+    c = table.c
+    return int(
+        conn.execute(
+            update(table)
+            .where(
+                *where,
+                rows_of(model),
+                status_is(c.status, Status.PROCESSING),
+                c.alchq_lease_until < utc_now(),
+                ~owner_alive(table, workers_table(table.metadata)),
+            )
+            .values(
+                status=Status.CANCELLED,
+                alchq_finished_at=utc_now(),
+                alchq_lease_until=None,
+                time_updated=utc_now(),
+            )
+        ).rowcount
+    )
 
 
 def _cancel_pending(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
@@ -735,13 +781,17 @@ def _delete_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]
     keys = [
         key_text(_pk(table, r))
         for r in conn.execute(
-            select(*table.primary_key).where(*where, rows_of(model), c.status != Status.PROCESSING)
+            select(*table.primary_key).where(
+                *where, rows_of(model), c.status != Status.PROCESSING, _no_error_owed(table)
+            )
         )
     ]
     if not keys:
         return 0
     done = conn.execute(
-        sql_delete(table).where(*where, rows_of(model), c.status != Status.PROCESSING)
+        sql_delete(table).where(
+            *where, rows_of(model), c.status != Status.PROCESSING, _no_error_owed(table)
+        )
     ).rowcount
     notes = progress_table(table.metadata)
     conn.execute(
@@ -773,9 +823,17 @@ def bulk(
         raise ValueError(f"batch_size must be a whole number, 1 or more, got {batch_size!r}")
     table = task_table(model)
     c = table.c
-    where: list[ColumnElement[bool]] = [rows_of(model)]
-    if status is not None:
-        where.append(c.status == _status(status))
+    # Only the tasks the action applies to: "every task" must not page through
+    # a million finished ones that it would leave as they are.
+    applies = {
+        "retry": (Status.ERROR, Status.CANCELLED),
+        "cancel": (Status.PENDING, Status.PROCESSING),
+        "delete": (Status.PENDING, Status.PROCESSED, Status.ERROR, Status.CANCELLED),
+    }[action]
+    if status is not None and _status(status) not in applies:
+        return 0  # e.g. retry of PENDING tasks: nothing to do
+    chosen = [_status(status)] if status is not None else list(applies)
+    where: list[ColumnElement[bool]] = [rows_of(model), status_is(c.status, *chosen)]
     if since is not None:
         conn = _connection(session, model)
         moment = _now(conn) - since if isinstance(since, timedelta) else since
@@ -856,6 +914,14 @@ def parse_key(model: type[BaseQueue], text: str) -> tuple[Any, ...]:
     return key_values(model, text)
 
 
+def _no_error_owed(table: Table) -> ColumnElement[bool]:
+    """Not an ERROR task whose error() a worker is calling now (its lease still runs)."""
+    c = table.c
+    return or_(
+        c.status != Status.ERROR, c.alchq_lease_until.is_(None), c.alchq_lease_until < utc_now()
+    )
+
+
 def _match(table: Table, pk: Sequence[Any]) -> list[ColumnElement[bool]]:
     return [col == v for col, v in zip(table.primary_key, pk, strict=True)]
 
@@ -911,7 +977,8 @@ def _clear_errors(session: Session, model: type[BaseQueue]) -> Iterator[None]:
     except DBAPIError as exc:
         with contextlib.suppress(Exception):
             session.rollback()
-        dialect = dialect_for(_connection(session, model).engine)
+        bind = session.get_bind(mapper=inspect(model))  # no new connection: it may be down
+        dialect = dialect_for(bind if isinstance(bind, Engine) else bind.engine)
         if dialect.is_conflict(exc) or dialect.is_transient(exc):
             raise DatabaseError(
                 f"{model.__name__}: the database is busy, try again ({first_line(exc)}); "
