@@ -423,3 +423,12 @@ def test_models_none_finds_the_mapped_task_models() -> None:
     found = mapped_task_models()
     assert DashTask in found and OtherTask in found
     assert all(hasattr(m, "__table__") for m in found)
+
+
+def test_live_polls_carry_a_fresh_csrf_token_to_those_who_may_act(make_app: MakeApp) -> None:
+    actor = make_app(can_read=allow, can_act=allow).test_client()
+    reader = make_app(can_read=allow).test_client()
+    actor.get("/alchq/")
+    token = actor.get("/alchq/api/overview").headers.get("X-CSRFToken")
+    assert token
+    assert reader.get("/alchq/api/overview").headers.get("X-CSRFToken") is None

@@ -236,6 +236,15 @@ def build_blueprint(dash: DashboardSettings) -> Blueprint:
             response.headers.setdefault(key, value)
         if request.endpoint != f"{name}.static":
             response.headers["Cache-Control"] = "no-store"
+        if (
+            request.method == "GET"
+            and response.mimetype == "application/json"
+            and response.status_code == 200
+            and dash.may_act(request)
+        ):
+            # Re-signed at each poll: a page left open past the token's time limit
+            # (Flask-WTF: an hour) can still act.
+            response.headers["X-CSRFToken"] = generate_csrf()
         return response
 
     @bp.teardown_request

@@ -300,6 +300,13 @@
     fetch(pollUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) {
         if (!r.ok) throw new Error("HTTP " + r.status);
+        // A fresh CSRF token: actions keep working on a page left open for hours.
+        var token = r.headers.get("X-CSRFToken");
+        if (token) {
+          document.querySelectorAll("input[name=csrf_token]").forEach(function (i) { i.value = token; });
+          var meta = $("meta[name=csrf-token]");
+          if (meta) meta.setAttribute("content", token);
+        }
         return r.json();
       })
       .then(function (data) { update(data); state(true); body.setAttribute("data-updated", String(Date.now())); })
