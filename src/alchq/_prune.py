@@ -184,7 +184,7 @@ def _prune_progress(
     table = task_table(model)
     notes = progress_table(table.metadata)
     n = notes.c
-    old = (n.task_table == table.name) & (n.updated_at < utc_now(-min(kept)))
+    old = (n.task_table == table.fullname) & (n.updated_at < utc_now(-min(kept)))
     pk = list(table.primary_key)
     key = tuple_(*pk) if len(pk) > 1 else pk[0]
     after: str | None = None
@@ -213,7 +213,9 @@ def _prune_progress(
             alive = {keys[tuple(row)] for row in found if tuple(row) in keys}
             gone = [t for t in texts if t not in alive]
             if gone:
-                conn.execute(delete(notes).where(n.task_table == table.name, n.task_key.in_(gone)))
+                conn.execute(
+                    delete(notes).where(n.task_table == table.fullname, n.task_key.in_(gone))
+                )
             session.commit()
         except DBAPIError as exc:
             # A database made before the table existed: nothing to prune there.

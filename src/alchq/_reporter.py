@@ -176,7 +176,7 @@ class Reporter:
             with self.binds.connect(held.engine) as conn:
                 requested = conn.execute(
                     select(n.cancel_requested_at).where(
-                        n.task_table == held.table.name,
+                        n.task_table == held.table.fullname,
                         n.task_key == key_text(held.claim.pk),
                         n.attempt == held.claim.token,
                         # Made during this claim: not a request for a deleted task
@@ -215,7 +215,7 @@ def _upsert(conn: Connection, held: Held, fraction: float | None, message: str |
     token = held.claim.token
     changed = conn.execute(
         update(notes)
-        .where(n.task_table == table.name, n.task_key == key, ours)
+        .where(n.task_table == table.fullname, n.task_key == key, ours)
         .values(
             attempt=token,
             worker=held.worker_id,
@@ -229,7 +229,7 @@ def _upsert(conn: Connection, held: Held, fraction: float | None, message: str |
     if changed:
         return True
     values = select(
-        literal(table.name),
+        literal(table.fullname),
         literal(key),
         literal(token),
         literal(held.worker_id),

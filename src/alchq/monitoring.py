@@ -466,7 +466,7 @@ def _progress_of(
     keys = list(attempts)
     for i in range(0, len(keys), 500):
         for row in conn.execute(
-            select(notes).where(n.task_table == table.name, n.task_key.in_(keys[i : i + 500]))
+            select(notes).where(n.task_table == table.fullname, n.task_key.in_(keys[i : i + 500]))
         ):
             attempt, began = attempts[row.task_key]
             if row.attempt == attempt and (began is None or row.updated_at >= began):
@@ -727,7 +727,7 @@ def _request_cancel(conn: Connection, table: Table, key: str, attempt: int) -> N
     """Mark the running attempt's progress row: its worker stops run() when it sees it."""
     notes = progress_table(table.metadata)
     n = notes.c
-    mine = and_(n.task_table == table.name, n.task_key == key)
+    mine = and_(n.task_table == table.fullname, n.task_key == key)
     changed = conn.execute(
         update(notes)
         .where(mine)
@@ -745,7 +745,7 @@ def _request_cancel(conn: Connection, table: Table, key: str, attempt: int) -> N
         with conn.begin_nested():
             conn.execute(
                 notes.insert().values(
-                    task_table=table.name,
+                    task_table=table.fullname,
                     task_key=key,
                     attempt=attempt,
                     updated_at=utc_now(),
@@ -795,7 +795,7 @@ def _delete_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]
     ).rowcount
     notes = progress_table(table.metadata)
     conn.execute(
-        sql_delete(notes).where(notes.c.task_table == table.name, notes.c.task_key.in_(keys))
+        sql_delete(notes).where(notes.c.task_table == table.fullname, notes.c.task_key.in_(keys))
     )
     return int(done)
 
