@@ -234,8 +234,9 @@ def flask_metrics_view(
     models: Sequence[type[BaseQueue]] | None = None,
     session_factory: Callable[[], Any] | None = None,
 ) -> Callable[[], Any]:
-    """A Flask view serving the queue gauges (and this process's counters, if it runs
-    tasks), for ``app.add_url_rule("/metrics", view_func=...)``.
+    """A Flask view serving the queue gauges read from the database, for
+    ``app.add_url_rule("/metrics", view_func=...)`` (the counters live where tasks
+    run: serve them with ``alchq run --metrics-port``).
 
     ``models``: default every mapped task model; ``session_factory``: default
     the app's Flask-SQLAlchemy ``db.session``.
