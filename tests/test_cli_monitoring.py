@@ -265,7 +265,7 @@ def test_retry_one_task_and_every_error(tables: Engine, db_url: str) -> None:
     assert status_of(tables, first) == "PENDING"
     assert status_of(tables, second) == "ERROR"
 
-    proc = ok(mon_cli(db_url, "retry", MODEL, "--all-errors", "--since", "1h"))
+    proc = ok(mon_cli(db_url, "retry", MODEL, "--since", "1h"))  # no ID: every ERROR task
     assert proc.stdout.strip() == "retried 1 ERROR task of MonTask (finished in the last 1h)"
     assert (status_of(tables, second), status_of(tables, old)) == ("PENDING", "ERROR")
 
@@ -367,7 +367,7 @@ def test_missing_tables(engine: Engine, db_url: str) -> None:
     [
         pytest.param(("status", "nosuch.module:X"), "module 'nosuch.module' not found", id="model"),
         pytest.param(("status", "MonTask"), "package.module:ClassName", id="bare-name"),
-        pytest.param(("retry", MODEL), "give a task ID, or --all-errors", id="retry-what"),
+        pytest.param(("retry", MODEL, "1", "--since", "1h"), "no task ID", id="retry-since"),
         pytest.param(("retry", MODEL, "1", "--all-errors"), "not both", id="retry-both"),
         pytest.param(("retry", MODEL, "--all-errors", "--since", "soon"), "--since", id="since"),
         pytest.param(("health", MODEL, "--max-age", "x"), "--max-age", id="max-age"),

@@ -440,13 +440,12 @@ def retry(
     all_errors: bool,
     since: str | None,
 ) -> str:
-    """``retry``: one task by key, or every ERROR task (finished within ``since``)."""
+    """``retry``: one task by key, or, without one, every ERROR task (finished within
+    ``since``). ``--all-errors`` says the latter explicitly."""
     if key is not None and all_errors:
         raise ConfigurationError("give a task ID or --all-errors, not both")
-    if key is None and not all_errors:
-        raise ConfigurationError("give a task ID, or --all-errors to retry every ERROR task")
-    if since is not None and not all_errors:
-        raise ConfigurationError("--since goes with --all-errors")
+    if key is not None and since is not None:
+        raise ConfigurationError("--since goes with retrying every ERROR task (no task ID)")
     back: timedelta | None = None
     if since is not None:
         seconds = parse_age(since, "--since")

@@ -8,7 +8,7 @@
     alchq prune my_app.tasks:MyTask --older-than 7d --error never
     alchq status my_app.tasks:MyTask [--json] [--watch [SECONDS]]
     alchq workers my_app.tasks:MyTask [--all] [--json]
-    alchq retry my_app.tasks:MyTask 42            # or --all-errors [--since 1h]
+    alchq retry my_app.tasks:MyTask 42            # or no ID: every ERROR task [--since 1h]
     alchq cancel my_app.tasks:MyTask 42
     alchq health my_app.tasks:MyTask [--any-host] [--max-age 30]   # for probes
     alchq demo
@@ -217,9 +217,13 @@ def _monitoring_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "id", nargs="?", metavar="ID", help="the task's key (composite: '[1, \"a\"]')"
     )
     _url_option(retry)
-    retry.add_argument("--all-errors", action="store_true", help="every ERROR task of the model")
     retry.add_argument(
-        "--since", metavar="AGE", help="with --all-errors: those that failed within AGE (1h, 2d)"
+        "--all-errors",
+        action="store_true",
+        help="every ERROR task of the model (what no ID means too)",
+    )
+    retry.add_argument(
+        "--since", metavar="AGE", help="without an ID: the ERROR tasks that failed within AGE (1h)"
     )
 
     cancel = sub.add_parser(

@@ -290,9 +290,11 @@ def workers_command(models: tuple[str, ...], include_gone: bool, as_json: bool) 
 @cli.command("retry")
 @click.argument("model")
 @click.argument("task_id", required=False, metavar="[ID]")
-@click.option("--all-errors", is_flag=True, help="Every ERROR task of the model.")
 @click.option(
-    "--since", metavar="AGE", help="With --all-errors: those that failed within AGE (1h, 2d)."
+    "--all-errors", is_flag=True, help="Every ERROR task of the model (what no ID means too)."
+)
+@click.option(
+    "--since", metavar="AGE", help="Without an ID: the ERROR tasks that failed within AGE (1h)."
 )
 @_fail_cleanly
 def retry_command(model: str, task_id: str | None, all_errors: bool, since: str | None) -> None:

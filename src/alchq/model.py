@@ -751,10 +751,11 @@ def progress_table(metadata: MetaData) -> Table:
     """Progress reported by running tasks, and cancel requests for them (one per metadata).
 
     A row per task that reported progress (or was asked to stop), keyed by its
-    table's full name (``schema.table`` in a schema) and its key as text. Kept apart from the task's row: run()'s own
-    transaction may hold that row's lock, and a progress write must never wait
-    for it. ``attempt`` is the claim it belongs to (the task's ``alchq_attempts``):
-    a later attempt's readers ignore an earlier attempt's progress.
+    table's full name (``schema.table`` in a schema) and its key as text. Kept
+    apart from the task's row: run()'s own transaction may hold that row's lock,
+    and a progress write must never wait for it. ``attempt`` is the claim it
+    belongs to (the task's ``alchq_attempts``): a later attempt's readers ignore
+    an earlier attempt's progress.
     """
     key = f"{metadata.schema}.alchq_progress" if metadata.schema else "alchq_progress"
     existing = metadata.tables.get(key)
