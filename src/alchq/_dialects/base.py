@@ -511,7 +511,12 @@ class Dialect:
         if not pks:
             return 0
         match = key.in_([p if len(p) > 1 else p[0] for p in pks])
-        return conn.execute(delete(table).where(match).where(where)).rowcount
+        stmt = delete(table).where(match)
+        if not self.skip_locked:
+            # Not locked when picked: check again. (Locked rows need no check, and
+            # MySQL could scan the check's index and wait on rows it skipped.)
+            stmt = stmt.where(where)
+        return conn.execute(stmt).rowcount
 
 
 def on_connect(engine: Engine, fn: Any) -> None:
