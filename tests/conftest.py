@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 
+from tests.mariadbserver import MariaDBServer
 from tests.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,34 @@ def pg_base_url() -> Iterator[str | None]:
         yield server.url("postgres")
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer | None]:
+    """A throwaway MariaDB server, or None when unavailable (skips locally, fails in CI)."""
+    try:
+        server = MariaDBServer().start()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        print(f"MariaDB unavailable, its tests skip: {exc}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fresh_mariadb_database(request: pytest.FixtureRequest) -> str:
+    """The URL of an empty MariaDB database, or the test skips (see :func:`mariadb_server`)."""
+    server = request.getfixturevalue("mariadb_server")
+    if server is None:
+        pytest.skip("MariaDB is not available")
+    name = f"t{os.getpid()}_{next(_counter)}"
+    server.createdb(name)
+    url: str = server.url(name)
+    return url
 
 
 def _fresh_pg_database(base_url: str) -> str:
