@@ -36,9 +36,6 @@ MARIADB_NOT_YET = {
     "test_delete_batch_skips_rows_locked_by_others": (
         "the DELETE of the picked keys scans a small table and waits on the row it skipped"
     ),
-    "test_a_finish_plan_writes_many_rows_in_one_statement_each_fenced_by_its_own_values": (
-        "the generic row-value IN misses UUID keys (stored as CHAR(32))"
-    ),
 }
 
 
@@ -46,6 +43,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         name = getattr(item, "originalname", item.name)
         if "[mariadb" in item.name and name in MARIADB_NOT_YET:
-            if name.startswith("test_a_finish_plan") and "UUID" not in item.name:
-                continue
             item.add_marker(pytest.mark.xfail(reason=MARIADB_NOT_YET[name], strict=True))
