@@ -33,9 +33,6 @@ MARIADB_NOT_YET = {
     "test_insert_unless_conflict_fails_on_other_constraints": (
         "unique enqueue needs another design without partial unique indexes"
     ),
-    "test_delete_batch_skips_rows_locked_by_others": (
-        "the DELETE of the picked keys scans a small table and waits on the row it skipped"
-    ),
 }
 
 

@@ -6,7 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-from sqlalchemy import Connection
+from sqlalchemy import ColumnElement, Connection, Table, bindparam, delete, select
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
 from alchq._dialects.base import Dialect
@@ -89,6 +89,24 @@ class MySQLDialect(Dialect):
         finally:
             with contextlib.suppress(Exception):
                 conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {_DEFAULT_LOCK_WAIT}")
+
+    def delete_batch(
+        self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int
+    ) -> int:
+        pk_cols = list(table.primary_key.columns)
+        pick = select(*pk_cols).where(where).limit(limit).with_for_update(skip_locked=True)
+        pks = [tuple(row) for row in conn.execute(pick)]
+        if not pks:
+            return 0
+        # One key per statement: InnoDB scans a small table for an IN list and
+        # waits on every row another transaction holds, the skipped ones too.
+        # The picked rows are locked by this transaction: all of them go.
+        names = [f"alchq_key_{i}" for i in range(len(pk_cols))]
+        stmt = delete(table).where(
+            *[c == bindparam(n) for c, n in zip(pk_cols, names, strict=True)]
+        )
+        conn.execute(stmt, [dict(zip(names, pk, strict=True)) for pk in pks])
+        return len(pks)
 
 
 class MariaDBDialect(MySQLDialect):
