@@ -504,14 +504,7 @@ class BaseQueue:
         match = [col == v for col, v in zip(mapper.primary_key, ident, strict=True)]
         conn = session.connection(bind_arguments={"mapper": mapper})
         done = conn.execute(
-            update(table)
-            .where(*match, c.status == Status.PENDING)
-            .values(
-                status=Status.CANCELLED,
-                alchq_finished_at=utc_now(),
-                alchq_lease_until=None,
-                time_updated=utc_now(),
-            )
+            update(table).where(*match, c.status == Status.PENDING).values(cancelled_values())
         ).rowcount
         if done != 1:
             status = conn.execute(select(c.status).where(*match)).scalar_one_or_none()
@@ -560,6 +553,16 @@ class BaseQueue:
         key = state.identity if state.identity is not None else "transient"
         status = self.__dict__.get("status")
         return f"<{type(self).__name__} {key} {status}>"
+
+
+def cancelled_values() -> dict[str, Any]:
+    """The columns of a task ending CANCELLED (by cancel(), or cancelled while it ran)."""
+    return {
+        "status": Status.CANCELLED,
+        "alchq_finished_at": utc_now(),
+        "alchq_lease_until": None,
+        "time_updated": utc_now(),
+    }
 
 
 def queue_columns() -> list[Column[Any]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -63,6 +63,7 @@ from alchq.model import (
     FINISHED,
     BaseQueue,
     Status,
+    cancelled_values,
     check_task_model,
     key_text,
     key_values,
@@ -603,16 +604,22 @@ def retry(session: Session, model: type[BaseQueue], key: Any) -> None:
 
 
 def _retry(session: Session, model: type[BaseQueue], key: Any) -> None:
+    _one(session, model, key, _retry_where, "only an ERROR or CANCELLED task can be retried")
+
+
+def _one(
+    session: Session,
+    model: type[BaseQueue],
+    key: Any,
+    act: Callable[[Connection, type[BaseQueue], Sequence[Any]], int],
+    refused: str,
+) -> None:
+    """Apply ``act`` to the task ``key``; its status says why, if it did not apply."""
     conn = _connection(session, model)
-    table = task_table(model)
     pk = key_values(model, key)
-    done = _retry_where(conn, model, _match(table, pk))
-    if done != 1:
+    if act(conn, model, _match(task_table(model), pk)) != 1:
         status = _status_of(conn, model, pk)
-        raise TaskStateError(
-            f"{model.__name__} {key_text(pk)} is {status}: only an ERROR or CANCELLED task "
-            "can be retried"
-        )
+        raise TaskStateError(f"{model.__name__} {key_text(pk)} is {status}: {refused}")
 
 
 def _retry_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
@@ -696,12 +703,7 @@ def _cancel_lost(conn: Connection, model: type[BaseQueue], where: Sequence[Any])
                 c.alchq_lease_until < utc_now(),
                 ~owner_alive(table, workers_table(table.metadata)),
             )
-            .values(
-                status=Status.CANCELLED,
-                alchq_finished_at=utc_now(),
-                alchq_lease_until=None,
-                time_updated=utc_now(),
-            )
+            .values(cancelled_values())
         ).rowcount
     )
 
@@ -713,12 +715,7 @@ def _cancel_pending(conn: Connection, model: type[BaseQueue], where: Sequence[An
         conn.execute(
             update(table)
             .where(*where, rows_of(model), c.status == Status.PENDING)
-            .values(
-                status=Status.CANCELLED,
-                alchq_finished_at=utc_now(),
-                alchq_lease_until=None,
-                time_updated=utc_now(),
-            )
+            .values(cancelled_values())
         ).rowcount
     )
 
@@ -763,16 +760,7 @@ def delete(session: Session, model: type[BaseQueue], key: Any) -> None:
 
 
 def _delete(session: Session, model: type[BaseQueue], key: Any) -> None:
-    conn = _connection(session, model)
-    table = task_table(model)
-    pk = key_values(model, key)
-    done = _delete_where(conn, model, _match(table, pk))
-    if done != 1:
-        status = _status_of(conn, model, pk)
-        raise TaskStateError(
-            f"{model.__name__} {key_text(pk)} is {status}: a running task cannot be "
-            "deleted (cancel it first)"
-        )
+    _one(session, model, key, _delete_where, "a running task cannot be deleted (cancel it first)")
 
 
 def _delete_where(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
