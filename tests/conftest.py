@@ -87,6 +87,13 @@ def _fresh_pg_database(base_url: str) -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty database, once per supported database."""
+    return database_url(request, tmp_path)
+
+
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty database of the kind ``request.param`` names, or a skip."""
+    if request.param == "mariadb":
+        return fresh_mariadb_database(request)
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'queue.sqlite'}"
     base = request.getfixturevalue("pg_base_url")

@@ -6,22 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fresh_mariadb_database
+from tests.conftest import database_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty database, once per supported database."""
-    if request.param == "mariadb":
-        return fresh_mariadb_database(request)
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    base = request.getfixturevalue("pg_base_url")
-    if base is None:
-        pytest.skip("PostgreSQL is not available")
-    from tests.conftest import _fresh_pg_database
-
-    return _fresh_pg_database(base)
+    return database_url(request, tmp_path)
 
 
 #: What MariaDB does not pass yet (issue 12), each marked a strict expected failure:
