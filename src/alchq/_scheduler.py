@@ -22,7 +22,7 @@ from sqlalchemy import delete, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from alchq._binds import Binds
-from alchq._dialects import utc_now
+from alchq._dialects import UniqueKey, utc_now
 from alchq._util import first_line, helper_thread
 from alchq.config import Settings
 from alchq.model import BaseQueue, schedules_of, task_table, ticks_table
@@ -223,11 +223,9 @@ class Scheduler:
         dialect = self.binds.dialect_of(session, model)
         try:
             conn = self.binds.connection(session, model, bookkeeping=True)
-            insert = dialect.insert_unless_conflict(
-                ticks, {"schedule": key, "tick": tick}, [ticks.c.schedule, ticks.c.tick]
-            )
-            # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT inserts.
-            won = conn.execute(insert.returning(ticks.c.schedule)).first() is not None
+            primary = UniqueKey(str(ticks.primary_key.name), (ticks.c.schedule, ticks.c.tick))
+            row = {"schedule": key, "tick": tick}
+            won = bool(dialect.insert_unless_conflict(conn, ticks, [row], primary))
             if won:
                 # A scheduler that read the clock before a later tick can get here
                 # after another one created that later tick's task and deleted this

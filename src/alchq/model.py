@@ -60,7 +60,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq import _progress
-from alchq._dialects import dialect_for, ready_index_kwargs, utc_now
+from alchq._dialects import UniqueKey, dialect_for, ready_index_kwargs, utc_now
 from alchq._dialects.types import UTCDateTime
 from alchq._notify import note_insert
 from alchq.exceptions import CancelError, TaskDefinitionError, TaskNotFoundError
@@ -399,15 +399,13 @@ class BaseQueue:
         row = _insert_values(session, mapper, task, values)
         conn = session.connection(bind_arguments={"mapper": mapper})
         engine = conn.engine
-        stmt = dialect_for(engine).insert_unless_conflict(
-            table, row, [c.unique_key], c.unique_key.is_not(None) & active
-        )
-        pk_cols = list(table.primary_key.columns)
+        unique = unique_index(table, c.unique_key.is_not(None) & active)
+        dialect = dialect_for(engine)
         for _ in range(5):
-            inserted = conn.execute(stmt.returning(*pk_cols)).first()
-            if inserted is not None:
+            inserted = dialect.insert_unless_conflict(conn, table, [row], unique)
+            if inserted:
                 note_insert(session, table, engine)  # a Core insert: no flush sees it
-                ident = tuple(inserted) if len(pk_cols) > 1 else inserted[0]
+                ident = inserted[0] if len(inserted[0]) > 1 else inserted[0][0]
                 new = session.get(cls, ident)
                 assert new is not None
                 return Enqueued(new, True)
@@ -473,11 +471,9 @@ class BaseQueue:
         active = c.unique_key.is_not(None) & c.status.in_(states)
         created = 0
         dialect = dialect_for(conn.engine)
+        unique = unique_index(table, active)
         for same_keys in groups.values():
-            stmt = dialect.insert_unless_conflict(table, None, [c.unique_key], active)
-            # Multi-row INSERTs ("insertmanyvalues"); RETURNING counts what went in.
-            result = conn.execute(stmt.returning(*table.primary_key.columns), same_keys)
-            created += len(result.all())
+            created += len(dialect.insert_unless_conflict(conn, table, same_keys, unique))
         if created:
             note_insert(session, table, conn.engine)
         return created
@@ -632,7 +628,7 @@ def add_queue_schema(table: Table) -> None:
     # One PENDING or PROCESSING task per unique_key. (MySQL/MariaDB have no
     # partial indexes: the index is not unique there; see the dialect seam.)
     Index(
-        f"ix_{table.name}_alchq_unique",
+        unique_index_name(table),
         cols.unique_key,
         unique=True,
         **ready_index_kwargs(
@@ -673,6 +669,17 @@ def add_queue_schema(table: Table) -> None:
             name=_check_name(table, "alchq_counters"),
         )
     )
+
+
+def unique_index_name(table: Table) -> str:
+    """The name of ``table``'s unique index on the active tasks' ``unique_key``."""
+    return f"ix_{table.name}_alchq_unique"
+
+
+def unique_index(table: Table, where: ColumnElement[bool]) -> UniqueKey:
+    """``table``'s unique index of active ``unique_key`` values, for an insert that
+    skips a taken key (``where``: its predicate, as the statement writes it)."""
+    return UniqueKey(unique_index_name(table), (table.c.unique_key,), where)
 
 
 def status_is(status: ColumnElement[Any], *statuses: Status) -> ColumnElement[bool]:

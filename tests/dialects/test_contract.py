@@ -32,9 +32,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchq import BaseQueue, Status
-from alchq._dialects import Claim, Dialect, dialect_for, utc_now
+from alchq._dialects import Claim, Dialect, UniqueKey, dialect_for, utc_now
 from alchq._transitions import bump, claim_order, claim_values, ready, released, still_ours
-from alchq.model import ACTIVE, task_table
+from alchq.model import ACTIVE, task_table, unique_index
 
 
 class Base(DeclarativeBase):
@@ -373,14 +373,15 @@ def test_delete_batch_skips_rows_locked_by_others(db: tuple[Engine, Dialect]) ->
 
 
 def _unique_insert(dialect: Dialect, conn: Any, key: str, name: str) -> Any:
-    c = TABLE.c
-    stmt = dialect.insert_unless_conflict(
-        TABLE,
-        {"unique_key": key, "name": name, "status": Status.PENDING},
-        [c.unique_key],
-        c.unique_key.is_not(None) & c.status.in_([s.value for s in ACTIVE]),
+    inserted = dialect.insert_unless_conflict(
+        conn, TABLE, [{"unique_key": key, "name": name, "status": Status.PENDING}], _unique()
     )
-    return conn.execute(stmt.returning(c.id)).first()
+    return inserted[0] if inserted else None
+
+
+def _unique() -> UniqueKey:
+    c = TABLE.c
+    return unique_index(TABLE, c.unique_key.is_not(None) & c.status.in_([s.value for s in ACTIVE]))
 
 
 def test_insert_unless_conflict_inserts_a_key_once_while_it_is_active(
@@ -402,16 +403,11 @@ def test_insert_unless_conflict_inserts_a_key_once_while_it_is_active(
 def test_insert_unless_conflict_fails_on_other_constraints(db: tuple[Engine, Dialect]) -> None:
     engine, dialect = db
     add(engine, {"id": 1})
-    c = TABLE.c
-    stmt = dialect.insert_unless_conflict(
-        TABLE,
-        {"id": 1, "unique_key": "fresh"},
-        [c.unique_key],
-        c.unique_key.is_not(None) & c.status.in_([s.value for s in ACTIVE]),
-    )
     with pytest.raises(DBAPIError):
         with engine.begin() as conn:
-            conn.execute(stmt)
+            dialect.insert_unless_conflict(
+                conn, TABLE, [{"id": 1, "unique_key": "fresh"}], _unique()
+            )
 
 
 # -- the database's clock -----------------------------------------------------------------

@@ -149,6 +149,17 @@ class Claim:
     token: int
 
 
+@dataclass(frozen=True)
+class UniqueKey:
+    """A unique index (or primary key) an insert may collide with, as
+    :meth:`Dialect.insert_unless_conflict` needs it: its name as the database
+    reports it in a conflict, its columns, and its predicate if it is partial."""
+
+    name: str
+    columns: tuple[ColumnElement[Any], ...]
+    where: ColumnElement[bool] | None = None
+
+
 class ClaimPlan:
     """A claim built once (see :meth:`Dialect.claim_plan`): call it with a connection.
 
@@ -455,30 +466,29 @@ class Dialect:
         return FinishPlan(table, values, fence)
 
     def insert_unless_conflict(
-        self,
-        table: Table,
-        values: dict[str, Any] | None,
-        index_elements: Sequence[ColumnElement[Any]],
-        index_where: ColumnElement[bool] | None = None,
-    ) -> Insert:
-        """An INSERT that does nothing if it would break the unique index on
-        ``index_elements`` (partial: ``index_where``), instead of failing.
+        self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]], unique: UniqueKey
+    ) -> list[tuple[Any, ...]]:
+        """Insert each of ``rows`` unless it would break the unique index ``unique``
+        (instead of failing); return the primary keys of the rows inserted.
 
-        ``values`` None: the rows are given when it is executed (many at once).
-
-        Waits for a concurrent transaction inserting the same key to end, so
-        exactly one of two racing inserts goes in. The caller adds RETURNING.
+        A single row's values may be SQL expressions; several rows are sent at
+        once and take plain values. Waits for a concurrent transaction inserting
+        the same key to end, so exactly one of two racing inserts goes in. A
+        conflict on any other constraint still fails.
         """
         if self.on_conflict_insert is None:
             raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
         # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
         # unique index, so a conflict on any other constraint still fails.
         stmt: Insert = self.on_conflict_insert(table)
-        if values is not None:
-            stmt = stmt.values(values)
-        return stmt.on_conflict_do_nothing(  # type: ignore[attr-defined,no-any-return]
-            index_elements=list(index_elements), index_where=index_where
-        )
+        stmt = stmt.on_conflict_do_nothing(  # type: ignore[attr-defined]
+            index_elements=list(unique.columns), index_where=unique.where
+        ).returning(*table.primary_key.columns)
+        if len(rows) == 1:
+            result = conn.execute(stmt.values(rows[0]))
+        else:
+            result = conn.execute(stmt, list(rows))  # multi-row INSERTs ("insertmanyvalues")
+        return [tuple(row) for row in result]
 
     def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
         """SQL: the whole minutes from 1970 to ``moment`` (a UTCDateTime column), for
