@@ -84,7 +84,7 @@ def _fresh_pg_database(base_url: str) -> str:
     return make_url(base_url).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty database, once per supported database."""
     return database_url(request, tmp_path)

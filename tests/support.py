@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -41,3 +41,15 @@ def worker_pid() -> int:
     """The pid of the ``alchq run`` command a task runs under (its supervisor's, as
     every worker process of the command has one), so tests can tell workers apart."""
     return int(os.environ.get("ALCHQ_SUPERVISOR_PID") or os.getpid())
+
+
+def check_refused(database: Any) -> Any:
+    """The error a failed CHECK constraint raises on ``database`` (an engine or a URL):
+    PyMySQL reports MariaDB's failed CHECK (4025) as an OperationalError."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    url = getattr(database, "url", database)
+    if make_url(url).get_backend_name() in ("mysql", "mariadb"):
+        return (IntegrityError, OperationalError)
+    return IntegrityError

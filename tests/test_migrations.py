@@ -25,12 +25,12 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchq import BaseQueue, worker
 from alchq.alembic import AdoptTableOp, adopt_table, drop_queue_schema
 from tests.conftest import _fresh_pg_database, worker_env
+from tests.support import check_refused
 
 APP = "tests.migrate_app"
 
@@ -99,7 +99,7 @@ def _execute(url: str, *statements: str) -> None:
 
 
 def _rejects(url: str, statement: str) -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(check_refused(url)):
         _execute(url, statement)
 
 

@@ -225,7 +225,7 @@ class Scheduler:
             conn = self.binds.connection(session, model, bookkeeping=True)
             primary = UniqueKey(str(ticks.primary_key.name), (ticks.c.schedule, ticks.c.tick))
             row = {"schedule": key, "tick": tick}
-            won = bool(dialect.insert_unless_conflict(conn, ticks, [row], primary))
+            won = dialect.insert_one_unless_conflict(conn, ticks, row, primary) is not None
             if won:
                 # A scheduler that read the clock before a later tick can get here
                 # after another one created that later tick's task and deleted this

@@ -246,7 +246,14 @@ def drop_queue_schema(
     pk = list(found.get_pk_constraint(table_name, schema=schema)["constrained_columns"])
     target = _queue_table(table_name, schema, pk, naming_convention)
     for index in _alchq_indexes(target):
-        op.drop_index(str(index.name), table_name=table_name, schema=schema)
+        # As created: MySQL's form of a partial unique index has a column to drop too.
+        op.drop_index(
+            str(index.name),
+            table_name=table_name,
+            schema=schema,
+            unique=bool(index.unique),
+            **index.dialect_kwargs,
+        )
     with op.batch_alter_table(table_name, schema=schema) as batch:
         for check in _alchq_checks(target):
             batch.drop_constraint(str(check.name), type_="check")
@@ -280,8 +287,13 @@ def autogenerate(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps) -
     if not getattr(hook, "alchq", False):
         autogen_context.opts["render_item"] = _chain(hook)
     names = {c.name for c in queue_columns()}
+    dialect = autogen_context.dialect.name if autogen_context.dialect is not None else ""
     result: list[ops.MigrateOperation] = []
     for operation in upgrade_ops.ops:
+        if isinstance(operation, ops.ModifyTableOps) and dialect in ("mysql", "mariadb"):
+            _forget_generated_unique_column(operation)
+            if not operation.ops:
+                continue
         if isinstance(operation, ops.ModifyTableOps):
             adopted = _adoption(autogen_context, operation, names)
             if adopted is not None:
@@ -290,6 +302,24 @@ def autogenerate(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps) -
                     continue
         result.append(operation)
     upgrade_ops.ops = result
+
+
+def _forget_generated_unique_column(operation: ops.ModifyTableOps) -> None:
+    """MySQL/MariaDB: the unique index of active keys is on a generated column of
+    its own name (see alchq._dialects.mysql), which the model does not declare:
+    not a difference to undo."""
+    name = f"ix_{operation.table_name}_alchq_unique"
+    dropped = {
+        str(o.index_name)
+        for o in operation.ops
+        if isinstance(o, ops.DropIndexOp) and o.index_name == name
+    }
+    operation.ops = [
+        o
+        for o in operation.ops
+        if not (isinstance(o, ops.DropColumnOp) and o.column_name == name)
+        and not (isinstance(o, (ops.DropIndexOp, ops.CreateIndexOp)) and o.index_name in dropped)
+    ]
 
 
 def _adoption(

@@ -60,8 +60,8 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.attributes import set_committed_value
 
 from alchq import _progress
-from alchq._dialects import UniqueKey, dialect_for, ready_index_kwargs, utc_now
-from alchq._dialects.types import UTCDateTime
+from alchq._dialects import UniqueKey, dialect_for, exact, ready_index_kwargs, utc_now
+from alchq._dialects.types import UTCDateTime, key_string, sized_for_mysql
 from alchq._notify import note_insert
 from alchq.exceptions import CancelError, TaskDefinitionError, TaskNotFoundError
 from alchq.scheduling import Periodic, Retry
@@ -329,7 +329,7 @@ class BaseQueue:
         UTCDateTime(), server_default=utc_now(), nullable=False
     )
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0", nullable=False)
-    unique_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    unique_key: Mapped[str | None] = mapped_column(key_string(255), nullable=True)
     alchq_attempts: Mapped[int] = mapped_column(
         Integer, default=0, server_default="0", nullable=False
     )
@@ -399,21 +399,20 @@ class BaseQueue:
         row = _insert_values(session, mapper, task, values)
         conn = session.connection(bind_arguments={"mapper": mapper})
         engine = conn.engine
-        unique = unique_index(table, c.unique_key.is_not(None) & active)
+        unique = unique_index(table)
         dialect = dialect_for(engine)
         for _ in range(5):
-            inserted = dialect.insert_unless_conflict(conn, table, [row], unique)
-            if inserted:
+            inserted = dialect.insert_one_unless_conflict(conn, table, row, unique)
+            if inserted is not None:
                 note_insert(session, table, engine)  # a Core insert: no flush sees it
-                ident = inserted[0] if len(inserted[0]) > 1 else inserted[0][0]
+                ident = inserted if len(inserted) > 1 else inserted[0]
                 new = session.get(cls, ident)
                 assert new is not None
                 return Enqueued(new, True)
             # The key is unique per table: under single-table inheritance the
             # holder may be another subclass's task (it is returned as such).
-            existing = session.scalars(
-                select(mapper.base_mapper).where(c.unique_key == key, active).limit(1)
-            ).first()
+            holder = select(mapper.base_mapper).where(c.unique_key == key, active).limit(1)
+            existing = session.scalars(dialect.read_latest(holder)).first()
             if existing is not None:
                 return Enqueued(existing, False)
             # The holder of the key finished in between: try again.
@@ -465,15 +464,11 @@ class BaseQueue:
             groups.setdefault(tuple(sorted(values)), []).append(values)
         if not groups:
             return 0
-        c = table.c
-        # Literal values: the index's predicate, and no expanding IN in an executemany.
-        states: list[Any] = [literal_column(f"'{s.value}'") for s in ACTIVE]
-        active = c.unique_key.is_not(None) & c.status.in_(states)
         created = 0
         dialect = dialect_for(conn.engine)
-        unique = unique_index(table, active)
+        unique = unique_index(table)
         for same_keys in groups.values():
-            created += len(dialect.insert_unless_conflict(conn, table, same_keys, unique))
+            created += dialect.insert_unless_conflict(conn, table, same_keys, unique)
         if created:
             note_insert(session, table, conn.engine)
         return created
@@ -580,6 +575,8 @@ def _add_queue_schema(mapper: Mapper[Any], cls: type) -> None:
     table = mapper.local_table
     if not isinstance(table, Table) or mapper.inherits is not None:
         return
+    for column in table.columns:
+        column.type = sized_for_mysql(column.type)
     if getattr(cls, "alchq_periodic", None):
         ticks_table(table.metadata)
     workers_table(table.metadata)
@@ -621,7 +618,7 @@ def add_queue_schema(table: Table) -> None:
     )
     table.append_constraint(
         CheckConstraint(
-            cols.status.in_([s.value for s in Status]),
+            exact(cols.status).in_([s.value for s in Status]),
             name=_check_name(table, "alchq_status"),
         )
     )
@@ -676,10 +673,15 @@ def unique_index_name(table: Table) -> str:
     return f"ix_{table.name}_alchq_unique"
 
 
-def unique_index(table: Table, where: ColumnElement[bool]) -> UniqueKey:
+def unique_index(table: Table) -> UniqueKey:
     """``table``'s unique index of active ``unique_key`` values, for an insert that
-    skips a taken key (``where``: its predicate, as the statement writes it)."""
-    return UniqueKey(unique_index_name(table), (table.c.unique_key,), where)
+    skips a taken key."""
+    c = table.c
+    # Literal values: the index's predicate, and no expanding IN in an executemany.
+    states: list[Any] = [literal_column(f"'{s.value}'") for s in ACTIVE]
+    return UniqueKey(
+        unique_index_name(table), (c.unique_key,), c.unique_key.is_not(None) & c.status.in_(states)
+    )
 
 
 def status_is(status: ColumnElement[Any], *statuses: Status) -> ColumnElement[bool]:

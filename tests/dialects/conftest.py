@@ -17,14 +17,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 #: What MariaDB does not pass yet (issue 12), each marked a strict expected failure:
 #: it must fail as long as it is listed, so a fix shows up as a failure to unlist.
-MARIADB_NOT_YET = {
-    "test_insert_unless_conflict_inserts_a_key_once_while_it_is_active": (
-        "unique enqueue needs another design without partial unique indexes"
-    ),
-    "test_insert_unless_conflict_fails_on_other_constraints": (
-        "unique enqueue needs another design without partial unique indexes"
-    ),
-}
+MARIADB_NOT_YET: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from alchq import BaseQueue, Status
 from alchq._dialects import Claim, Dialect, UniqueKey, dialect_for, utc_now
 from alchq._transitions import bump, claim_order, claim_values, ready, released, still_ours
-from alchq.model import ACTIVE, task_table, unique_index
+from alchq.model import task_table, unique_index
 
 
 class Base(DeclarativeBase):
@@ -373,15 +373,12 @@ def test_delete_batch_skips_rows_locked_by_others(db: tuple[Engine, Dialect]) ->
 
 
 def _unique_insert(dialect: Dialect, conn: Any, key: str, name: str) -> Any:
-    inserted = dialect.insert_unless_conflict(
-        conn, TABLE, [{"unique_key": key, "name": name, "status": Status.PENDING}], _unique()
-    )
-    return inserted[0] if inserted else None
+    row = {"unique_key": key, "name": name, "status": Status.PENDING}
+    return dialect.insert_one_unless_conflict(conn, TABLE, row, _unique())
 
 
 def _unique() -> UniqueKey:
-    c = TABLE.c
-    return unique_index(TABLE, c.unique_key.is_not(None) & c.status.in_([s.value for s in ACTIVE]))
+    return unique_index(TABLE)
 
 
 def test_insert_unless_conflict_inserts_a_key_once_while_it_is_active(
@@ -398,6 +395,23 @@ def test_insert_unless_conflict_inserts_a_key_once_while_it_is_active(
     with engine.connect() as conn:
         names = conn.execute(select(TABLE.c.name).order_by(TABLE.c.id)).scalars().all()
     assert names == ["first", "third", "fourth"]
+
+
+def test_insert_unless_conflict_skips_taken_keys_among_many_rows(
+    db: tuple[Engine, Dialect],
+) -> None:
+    engine, dialect = db
+    with engine.begin() as conn:
+        assert _unique_insert(dialect, conn, "taken", "first") is not None
+    rows = [
+        {"unique_key": key, "name": name, "status": Status.PENDING}
+        for key, name in [("taken", "a"), ("new", "b"), (None, "c"), ("new", "d"), (None, "e")]
+    ]
+    with engine.begin() as conn:
+        assert dialect.insert_unless_conflict(conn, TABLE, rows, _unique()) == 3
+    with engine.connect() as conn:
+        names = conn.execute(select(TABLE.c.name)).scalars().all()
+    assert sorted(names) == ["b", "c", "e", "first"]
 
 
 def test_insert_unless_conflict_fails_on_other_constraints(db: tuple[Engine, Dialect]) -> None:

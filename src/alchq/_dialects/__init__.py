@@ -19,6 +19,7 @@ from alchq._dialects.base import (
     ReadyIndexKwargs,
     UniqueKey,
     claim_sort_key,
+    exact,
     reached,
     ready_index_kwargs,
     utc_now,
@@ -37,6 +38,7 @@ __all__ = [
     "UniqueKey",
     "claim_sort_key",
     "dialect_for",
+    "exact",
     "reached",
     "ready_index_kwargs",
     "utc_now",
@@ -54,4 +56,7 @@ DIALECTS: dict[str, type[Dialect]] = {
 
 def dialect_for(engine: Engine) -> Dialect:
     """The :class:`Dialect` for an engine, chosen from its dialect name."""
-    return DIALECTS.get(engine.dialect.name, Dialect)()
+    name = engine.dialect.name
+    if name == "mysql" and getattr(engine.dialect, "is_mariadb", False):
+        name = "mariadb"  # a mysql:// URL, found to be MariaDB when it connected
+    return DIALECTS.get(name, Dialect)()

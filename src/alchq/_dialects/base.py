@@ -34,8 +34,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import DateTime, NullType
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement, Connection, Table
+    from sqlalchemy import Column, ColumnElement, Connection, Table
     from sqlalchemy.sql.dml import Insert, Update
+    from sqlalchemy.sql.selectable import Select
 
 
 class utc_now(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -94,6 +95,30 @@ def _utc_now_mysql(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
     if offset is None:
         return "UTC_TIMESTAMP(6)"
     return f"(UTC_TIMESTAMP(6) + INTERVAL ROUND(({offset}) * 1000000) MICROSECOND)"
+
+
+class exact(FunctionElement[Any]):  # noqa: N801 - reads like SQL
+    """A text value compared byte for byte: MySQL's default collations take
+    ``'pending'`` for ``'PENDING'`` (elsewhere the value as it is)."""
+
+    inherit_cache = True
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(value)
+        self.type = value.type
+
+
+@compiles(exact)
+def _exact_default(element: exact, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return str(compiler.process(value, **kw))
+
+
+@compiles(exact, "mysql")
+@compiles(exact, "mariadb")
+def _exact_mysql(element: exact, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return f"CAST({compiler.process(value, **kw)} AS BINARY)"
 
 
 class reached(FunctionElement[bool]):  # noqa: N801 - reads like SQL
@@ -156,7 +181,7 @@ class UniqueKey:
     reports it in a conflict, its columns, and its predicate if it is partial."""
 
     name: str
-    columns: tuple[ColumnElement[Any], ...]
+    columns: tuple[Column[Any], ...]
     where: ColumnElement[bool] | None = None
 
 
@@ -467,28 +492,40 @@ class Dialect:
 
     def insert_unless_conflict(
         self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]], unique: UniqueKey
-    ) -> list[tuple[Any, ...]]:
-        """Insert each of ``rows`` unless it would break the unique index ``unique``
-        (instead of failing); return the primary keys of the rows inserted.
+    ) -> int:
+        """Insert each of ``rows`` (plain values, sent together) unless it would break
+        the unique index ``unique``, instead of failing; return how many went in.
 
-        A single row's values may be SQL expressions; several rows are sent at
-        once and take plain values. Waits for a concurrent transaction inserting
-        the same key to end, so exactly one of two racing inserts goes in. A
-        conflict on any other constraint still fails.
+        Waits for a concurrent transaction inserting the same key to end, so
+        exactly one of two racing inserts goes in. A conflict on any other
+        constraint still fails.
         """
+        # Multi-row INSERTs ("insertmanyvalues"); RETURNING counts what went in
+        # (psycopg's rowcount is -1 for ON CONFLICT inserts).
+        return len(conn.execute(self._on_conflict(table, unique), list(rows)).all())
+
+    def insert_one_unless_conflict(
+        self, conn: Connection, table: Table, row: dict[str, Any], unique: UniqueKey
+    ) -> tuple[Any, ...] | None:
+        """:meth:`insert_unless_conflict` for one row, whose values may be SQL
+        expressions: its primary key, or None if it conflicted."""
+        inserted = conn.execute(self._on_conflict(table, unique).values(row)).first()
+        return None if inserted is None else tuple(inserted)
+
+    def _on_conflict(self, table: Table, unique: UniqueKey) -> Insert:
         if self.on_conflict_insert is None:
             raise NotImplementedError(f"{self.name}: unique inserts are not supported yet")
         # ON CONFLICT (cols) WHERE predicate DO NOTHING: names the (partial)
         # unique index, so a conflict on any other constraint still fails.
         stmt: Insert = self.on_conflict_insert(table)
-        stmt = stmt.on_conflict_do_nothing(  # type: ignore[attr-defined]
+        return stmt.on_conflict_do_nothing(  # type: ignore[attr-defined,no-any-return]
             index_elements=list(unique.columns), index_where=unique.where
         ).returning(*table.primary_key.columns)
-        if len(rows) == 1:
-            result = conn.execute(stmt.values(rows[0]))
-        else:
-            result = conn.execute(stmt, list(rows))  # multi-row INSERTs ("insertmanyvalues")
-        return [tuple(row) for row in result]
+
+    def read_latest(self, stmt: Select[Any]) -> Select[Any]:
+        """``stmt`` made to see rows committed after the transaction's snapshot was
+        taken (to find the row a conflicting insert collided with)."""
+        return stmt
 
     def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
         """SQL: the whole minutes from 1970 to ``moment`` (a UTCDateTime column), for

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, bindparam, delete, select
-from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy import Column, ColumnElement, Connection, Index, Table, bindparam, delete, select
+from sqlalchemy.exc import CompileError, DBAPIError, IntegrityError, InterfaceError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateColumn, CreateIndex, DropIndex
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.sql.selectable import Select
+from sqlalchemy.types import NullType
 
-from alchq._dialects.base import Dialect
+from alchq._dialects.base import Dialect, UniqueKey
 
 #: Server error numbers of a server that is away or going away: wait for it.
 _TRANSIENT_ERRORS = frozenset(
@@ -38,6 +44,10 @@ _BUSY_ERRORS = frozenset({1040, 1053})
 _DEFAULT_LOCK_WAIT = 50
 
 
+#: A duplicate key: the message ends with the key's name.
+_DUPLICATE_KEY = 1062
+
+
 def _errno(exc: BaseException | None) -> int | None:
     """The server's error number of a DB-API error (PyMySQL and mysqlclient alike)."""
     orig = getattr(exc, "orig", None) or exc
@@ -45,6 +55,94 @@ def _errno(exc: BaseException | None) -> int | None:
     if args and isinstance(args[0], int):
         return int(args[0])
     return None
+
+
+#: alchq's unique_key column on MySQL/MariaDB (see types.key_string).
+_KEY_TYPE = "VARCHAR(255) COLLATE utf8mb4_bin"
+
+
+def _partial_where(index: Index) -> Any:
+    """The predicate of an index declared partial for PostgreSQL or SQLite, or None."""
+    kwargs = index.dialect_kwargs
+    where = kwargs.get("postgresql_where")
+    return kwargs.get("sqlite_where") if where is None else where
+
+
+def _on_a_generated_column(index: Index) -> bool:
+    return bool(index.unique) and _partial_where(index) is not None
+
+
+# MySQL and MariaDB have no partial indexes. A partial *unique* index (one
+# PENDING or PROCESSING task per unique_key) becomes a unique index on a
+# virtual generated column that holds the key while the predicate holds and
+# NULL otherwise (NULLs never collide): the database still decides, and keeps
+# it current as a row's status changes. The column takes the index's name.
+@compiles(CreateIndex, "mysql")
+@compiles(CreateIndex, "mariadb")
+def _create_index(create: CreateIndex, compiler: DDLCompiler, **kw: Any) -> str:
+    index = create.element
+    if not _on_a_generated_column(index):
+        return str(compiler.visit_create_index(create, **kw))  # type: ignore[no-untyped-call]
+    expressions = list(index.expressions)
+    column = expressions[0] if len(expressions) == 1 else None
+    if not isinstance(column, Column):
+        raise CompileError(
+            f"{index.name}: a partial unique index on MySQL/MariaDB must be on one column"
+        )
+    sql = compiler.sql_compiler
+    where = sql.process(_partial_where(index), include_table=False, literal_binds=True)
+    value = sql.process(column, include_table=False)
+    # Alembic's op.create_index names the columns without their types: then the
+    # column is alchq's unique_key (the one partial unique index alchq makes).
+    kind = (
+        _KEY_TYPE
+        if isinstance(column.type, NullType)
+        else compiler.dialect.type_compiler_instance.process(column.type)
+    )
+    name = compiler.preparer.quote(str(index.name))
+    table = compiler.preparer.format_table(index.table)  # type: ignore[arg-type]
+    return (
+        f"ALTER TABLE {table} ADD COLUMN {name} {kind} "
+        f"GENERATED ALWAYS AS (CASE WHEN {where} THEN {value} END) VIRTUAL, "
+        f"ADD UNIQUE INDEX {name} ({name})"
+    )
+
+
+@compiles(DropIndex, "mysql")
+@compiles(DropIndex, "mariadb")
+def _drop_index(drop: DropIndex, compiler: DDLCompiler, **kw: Any) -> str:
+    index = drop.element
+    if not _on_a_generated_column(index):
+        return str(compiler.visit_drop_index(drop, **kw))  # type: ignore[no-untyped-call]
+    name = compiler.preparer.quote(str(index.name))
+    table = compiler.preparer.format_table(index.table)  # type: ignore[arg-type]
+    return f"ALTER TABLE {table} DROP INDEX {name}, DROP COLUMN {name}"
+
+
+#: PostgreSQL's random UUID as a column default (the seed's example model), and
+#: the same on MariaDB (a native UUID column) and MySQL (SQLAlchemy's CHAR(32) of hex).
+_PG_UUID_DEFAULT = "DEFAULT (gen_random_uuid())"
+_UUID_DEFAULTS = {"mariadb": "DEFAULT (uuid())", "mysql": "DEFAULT (replace(uuid(), '-', ''))"}
+
+
+@compiles(CreateColumn, "mysql")
+@compiles(CreateColumn, "mariadb")
+def _create_column(create: CreateColumn, compiler: DDLCompiler, **kw: Any) -> str:
+    text = str(compiler.visit_create_column(create, **kw))  # type: ignore[no-untyped-call]
+    if _PG_UUID_DEFAULT in text:
+        mariadb = compiler.dialect.name == "mariadb" or getattr(
+            compiler.dialect, "is_mariadb", False
+        )
+        text = text.replace(_PG_UUID_DEFAULT, _UUID_DEFAULTS["mariadb" if mariadb else "mysql"])
+    return text
+
+
+def _names_key(exc: IntegrityError, key: str) -> bool:
+    """Is ``exc`` a duplicate of the key ``key`` (MySQL 8 writes ``table.key``)?"""
+    if _errno(exc) != _DUPLICATE_KEY:
+        return False
+    message = str(getattr(exc.orig, "args", ("", ""))[-1])
+    return message.endswith(f"'{key}'") or message.endswith(f".{key}'")
 
 
 class MySQLDialect(Dialect):
@@ -89,6 +187,42 @@ class MySQLDialect(Dialect):
         finally:
             with contextlib.suppress(Exception):
                 conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {_DEFAULT_LOCK_WAIT}")
+
+    # No ON CONFLICT for one index (INSERT IGNORE would hide every error, ON
+    # DUPLICATE KEY any key's duplicate): a row that may conflict goes in alone,
+    # and a duplicate of this key skips it. InnoDB undoes the failed statement
+    # only, and waits for a concurrent insert of the same key to commit or roll
+    # back. No INSERT ... RETURNING on MySQL: the key comes from the statement.
+
+    def insert_unless_conflict(
+        self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]], unique: UniqueKey
+    ) -> int:
+        free = [r for r in rows if any(r.get(c.key) is None for c in unique.columns)]
+        keyed = [r for r in rows if all(r.get(c.key) is not None for c in unique.columns)]
+        if free:  # a NULL in the key collides with nothing: together
+            conn.execute(table.insert(), free)
+        inserted = sum(
+            self.insert_one_unless_conflict(conn, table, r, unique) is not None for r in keyed
+        )
+        return len(free) + inserted
+
+    def insert_one_unless_conflict(
+        self, conn: Connection, table: Table, row: dict[str, Any], unique: UniqueKey
+    ) -> tuple[Any, ...] | None:
+        primary = list(table.primary_key.columns)
+        key = "PRIMARY" if list(unique.columns) == primary else unique.name
+        try:
+            result = conn.execute(table.insert().values(row))
+        except IntegrityError as exc:
+            if _names_key(exc, key):
+                return None
+            raise
+        return tuple(result.inserted_primary_key or ())
+
+    def read_latest(self, stmt: Select[Any]) -> Select[Any]:
+        # REPEATABLE READ (MySQL's default) reads the transaction's snapshot; a
+        # locking read sees the latest committed rows.
+        return stmt.with_for_update(read=True)
 
     def delete_batch(
         self, conn: Connection, table: Table, where: ColumnElement[bool], limit: int

@@ -53,3 +53,29 @@ class UTCDateTime(TypeDecorator[datetime]):  # exported as alchq.UTCDateTime
 # Alembic writes a column's type as ``<module>.<name>`` into migrations: make
 # that the public, stable ``alchq.UTCDateTime``.
 UTCDateTime.__module__ = "alchq"
+
+
+def key_string(length: int) -> TypeEngine[str]:
+    """A key compared exactly, as on PostgreSQL and SQLite: MySQL's default
+    collations would take ``"Report"`` and ``"report"`` for one key."""
+    from sqlalchemy import String
+    from sqlalchemy.dialects.mysql import VARCHAR
+
+    exact = VARCHAR(length, collation="utf8mb4_bin")
+    return String(length).with_variant(exact, "mysql", "mariadb")
+
+
+def sized_for_mysql(type_: TypeEngine[Any]) -> TypeEngine[Any]:
+    """``type_``, made creatable on MySQL/MariaDB if it is a ``String`` without a
+    length (``db.String()``, as in the seed's example), which those databases
+    refuse as a VARCHAR: TEXT there, unchanged elsewhere."""
+    from sqlalchemy import Enum, String, Text
+
+    if (
+        not isinstance(type_, String)
+        or isinstance(type_, (Text, Enum))
+        or type_.length is not None
+        or any(name in type_._variant_mapping for name in ("mysql", "mariadb"))  # noqa: SLF001
+    ):
+        return type_
+    return type_.with_variant(Text(), "mysql", "mariadb")
