@@ -3,9 +3,10 @@
 Run: ``make bench`` (or ``python -m benchmarks [--tasks N] [--finished N] [--json PATH]``);
 ``make bench-large`` drains with 10,000,000 finished rows in the table.
 
-On a throwaway PostgreSQL server at its default durability and on an SQLite
-file: enqueue (one per transaction, in bulk, 8 concurrent clients with
-notifications on and off), enqueue-to-start latency with an idle worker at
+On a throwaway PostgreSQL server at its default durability, a throwaway MariaDB
+server at its own (every commit flushed), and on an SQLite file: enqueue (one
+per transaction, in bulk, 8 concurrent clients with notifications on and off;
+not yet on MariaDB), enqueue-to-start latency with an idle worker at
 default settings, drains by worker processes (see :mod:`benchmarks.drain`),
 and a worker's memory over many tasks. Each figure is printed beside its ratio
 to a ceiling measured in the same run with the bare driver; compare ratios,
@@ -25,6 +26,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.mariadbserver import MariaDBServer  # noqa: E402
 from tests.pgserver import PgServer  # noqa: E402
 
 from benchmarks import drain, enqueue, latency, monitoring  # noqa: E402
@@ -81,14 +83,23 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("alchq").setLevel(logging.WARNING)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PgServer(durable=True) as pg,
+        MariaDBServer(durable=True) as mariadb,
+    ):
         for db in ("enqueue", "latency", "drain", "stats"):
             pg.createdb(db)
+        for db in ("latency", "drain"):
+            mariadb.createdb(db)
         rows += enqueue.rows("sqlite", f"sqlite:///{tmp}/enqueue.sqlite", args.enqueue_tasks)
         rows += enqueue.rows("postgresql", pg.url("enqueue"), args.enqueue_tasks)
         rows += _latency_rows("sqlite", f"sqlite:///{tmp}/latency.sqlite", args.samples)
         rows += _latency_rows("postgresql", pg.url("latency"), args.samples)
-        rows += _drain_rows(drain.run_all(args.tasks, args.finished, pg.url("drain"), tmp))
+        rows += _latency_rows("mariadb", mariadb.url("latency"), args.samples)
+        rows += _drain_rows(
+            drain.run_all(args.tasks, args.finished, pg.url("drain"), tmp, mariadb.url("drain"))
+        )
         rows += _stats_rows(monitoring.run_all(args.finished, pg.url("stats"), tmp))
         mem = drain.memory(f"sqlite:///{tmp}/memory.sqlite", args.memory_tasks, tmp)
         early, end = mem["rss_early_mb"], mem["rss_end_mb"]

@@ -4,9 +4,10 @@ Run: ``make bench`` (or ``python -m benchmarks.drain [--tasks N]``).
 
 For each database, in the same run:
 
-* two ceilings, the bare driver (psycopg 3 / sqlite3) on the same table with
-  alchq's indexes: ``one``, claim one task (``UPDATE ... RETURNING``), commit,
-  mark it PROCESSED, commit; ``100``, the same with 100 tasks per statement;
+* two ceilings, the bare driver (psycopg 3 / sqlite3 / PyMySQL) on the same table
+  with alchq's indexes: ``one``, claim one task (``UPDATE ... RETURNING``; on
+  MariaDB, which has none, ``SELECT ... FOR UPDATE SKIP LOCKED`` then ``UPDATE``),
+  commit, mark it PROCESSED, commit; ``100``, the same with 100 tasks per statement;
 * ``alchq run`` worker processes at default settings draining the same number
   of tasks: one process, two processes, ``--concurrency 2``, tasks whose run()
   inserts one row through the task's session, and one process with
@@ -92,6 +93,10 @@ def fill(engine: Engine, model: type[BaseQueue], n: int, finished: int = 0) -> N
             conn.execute(
                 text(done.format(t=table.name, now="now()", rows=f"generate_series(1, {finished})"))
             )
+        elif finished and engine.dialect.name in ("mysql", "mariadb"):
+            # MariaDB's sequence engine stands in for generate_series.
+            now, rows = "UTC_TIMESTAMP(6)", f"seq_1_to_{finished}"
+            conn.execute(text(done.format(t=table.name, now=now, rows=rows)))
         elif finished:
             now = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
             rows = f"(WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < {finished}) SELECT x FROM s)"  # noqa: E501
@@ -101,6 +106,9 @@ def fill(engine: Engine, model: type[BaseQueue], n: int, finished: int = 0) -> N
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text(f"VACUUM ANALYZE {table.name}"))
+    elif engine.dialect.name in ("mysql", "mariadb"):
+        with engine.begin() as conn:
+            conn.execute(text(f"ANALYZE TABLE {table.name}"))
 
 
 # -- the ceilings: the bare driver -------------------------------------------------------
@@ -113,9 +121,49 @@ CLAIM = (
 DONE = "UPDATE {t} SET status='PROCESSED' WHERE id IN ({ids}) AND status='PROCESSING'"
 
 
+#: MySQL/MariaDB: no UPDATE ... RETURNING; the claim locks its rows first.
+PICK = (
+    "SELECT id FROM {t} WHERE status='PENDING' ORDER BY priority, time_created, id "
+    "LIMIT {limit} FOR UPDATE SKIP LOCKED"
+)
+TAKE = "UPDATE {t} SET status='PROCESSING', alchq_attempts=alchq_attempts+1 WHERE id IN ({ids})"
+
+
+def bare_mysql(url: str, table: str, per_trip: int) -> tuple[int, float]:
+    """:func:`bare` with PyMySQL: pick and lock, take, commit; complete, commit."""
+    import pymysql  # type: ignore[import-untyped]
+
+    u = make_url(url)
+    conn = pymysql.connect(
+        host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
+    )
+    cur = conn.cursor()
+    cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    pick = PICK.format(t=table, limit=per_trip)
+    done = 0
+    start = time.perf_counter()
+    while True:
+        cur.execute(pick)
+        ids = [row[0] for row in cur.fetchall()]
+        if not ids:
+            conn.commit()
+            break
+        marks = ", ".join(["%s"] * len(ids))
+        cur.execute(TAKE.format(t=table, ids=marks), ids)
+        conn.commit()
+        cur.execute(DONE.format(t=table, ids=marks), ids)
+        conn.commit()
+        done += len(ids)
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return done, elapsed
+
+
 def bare(url: str, table: str, per_trip: int) -> tuple[int, float]:
     """Claim and complete ``per_trip`` tasks at a time until none is left: (done, seconds)."""
     u = make_url(url)
+    if u.get_backend_name() in ("mysql", "mariadb"):
+        return bare_mysql(url, table, per_trip)
     if u.get_backend_name() == "sqlite":
         conn: Any = sqlite3.connect(u.database or "", timeout=30)
         mark, lock = "?", ""
@@ -312,10 +360,14 @@ def measure(name: str, url: str, n: int, finished: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_all(n: int, finished: int, pg_url: str | None, sqlite_dir: str) -> list[dict[str, Any]]:
+def run_all(
+    n: int, finished: int, pg_url: str | None, sqlite_dir: str, mariadb_url: str | None = None
+) -> list[dict[str, Any]]:
     rows = measure("sqlite", f"sqlite:///{sqlite_dir}/drain.sqlite", n, finished)
     if pg_url is not None:
         rows += measure("postgresql", pg_url, n, finished)
+    if mariadb_url is not None:
+        rows += measure("mariadb", mariadb_url, n, finished)
     return rows
 
 
@@ -333,11 +385,18 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--finished", type=int, default=1_000_000)
     args = parser.parse_args()
+    from tests.mariadbserver import MariaDBServer
     from tests.pgserver import PgServer
 
-    with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PgServer(durable=True) as pg,
+        MariaDBServer(durable=True) as mariadb,
+    ):
         pg.createdb("drain")
-        print_rows(run_all(args.tasks, args.finished, pg.url("drain"), tmp))
+        mariadb.createdb("drain")
+        rows = run_all(args.tasks, args.finished, pg.url("drain"), tmp, mariadb.url("drain"))
+        print_rows(rows)
 
 
 if __name__ == "__main__":

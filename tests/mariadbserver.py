@@ -16,6 +16,7 @@ to start one for manual debugging.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pwd
 import shutil
@@ -57,7 +58,9 @@ def _binary(name: str) -> str:
 class MariaDBServer:
     """A throwaway MariaDB server living in a fresh temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        #: Durable: every commit flushed to disk, as a production server (benchmarks).
+        self.durable = durable
         self.install_db = _binary("mariadb-install-db")
         self.mariadbd = _binary("mariadbd")
         self.port = 0
@@ -102,7 +105,17 @@ class MariaDBServer:
         if install.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed: {install.stderr[-2000:]}")
         self.port = _free_port()
-        self._log = log = open(os.path.join(self.tmpdir, "server.log"), "wb")  # noqa: SIM115
+        self._launch()
+        atexit.register(self.stop)
+        self._wait_ready(
+            f"CREATE USER IF NOT EXISTS '{_USER}'@'%' IDENTIFIED BY '{_PASSWORD}'",
+            f"GRANT ALL PRIVILEGES ON *.* TO '{_USER}'@'%' WITH GRANT OPTION",
+        )
+        return self
+
+    def _launch(self) -> None:
+        data = os.path.join(self.tmpdir, "data")
+        self._log = log = open(os.path.join(self.tmpdir, "server.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             self._as_server_user(
                 [
@@ -115,9 +128,12 @@ class MariaDBServer:
                     f"--pid-file={os.path.join(self.tmpdir, 'mysqld.pid')}",
                     "--skip-log-bin",
                     "--innodb-buffer-pool-size=128M",
-                    # A test server: durable enough for a test, not for data.
-                    "--innodb-flush-log-at-trx-commit=2",
-                    "--innodb-doublewrite=0",
+                    *(
+                        ()
+                        if self.durable
+                        # A test server: durable enough for a test, not for data.
+                        else ("--innodb-flush-log-at-trx-commit=2", "--innodb-doublewrite=0")
+                    ),
                     "--max-connections=500",
                     # A test that waits on a lock fails in seconds, not InnoDB's 50.
                     "--innodb-lock-wait-timeout=5",
@@ -130,7 +146,9 @@ class MariaDBServer:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        atexit.register(self.stop)
+
+    def _wait_ready(self, *statements: str) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             if not os.path.exists(self.socket_path) and self.proc.poll() is None:
@@ -140,17 +158,40 @@ class MariaDBServer:
                 time.sleep(0.1)
                 continue
             try:
-                self._admin(
-                    f"CREATE USER IF NOT EXISTS '{_USER}'@'%' IDENTIFIED BY '{_PASSWORD}'",
-                    f"GRANT ALL PRIVILEGES ON *.* TO '{_USER}'@'%' WITH GRANT OPTION",
-                )
-                break
+                self._admin(*statements or ("SELECT 1",))
+                return
             except Exception as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"MariaDB did not start: {exc}") from exc
                 time.sleep(0.2)
-        return self
+
+    def restart(self, how: str = "shutdown", down_for: float = 0.0) -> None:
+        """Stop the server and start it again on the same data and port.
+
+        ``how``: ``"shutdown"`` (``mariadb-admin shutdown``: clients are
+        disconnected, transactions rolled back) or ``"kill"`` (SIGKILL: crash
+        recovery at the next start). It stays down for ``down_for`` seconds.
+        """
+        proc = self.proc
+        assert proc is not None, "not running"
+        if how == "kill":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            subprocess.run(
+                [_binary("mariadb-admin"), f"--socket={self.socket_path}", "-uroot", "shutdown"],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+        proc.wait(timeout=60)
+        if self._log is not None:
+            self._log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        time.sleep(down_for)
+        self._launch()
+        self._wait_ready()
 
     def _admin(self, *statements: str) -> None:
         import pymysql  # type: ignore[import-untyped]

@@ -666,26 +666,37 @@ def cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
 def _cancel(session: Session, model: type[BaseQueue], key: Any) -> Status:
     conn = _connection(session, model)
     table = task_table(model)
+    c = table.c
     pk = key_values(model, key)
-    if _cancel_pending(conn, model, _match(table, pk)) == 1:
-        return Status.CANCELLED
-    row = conn.execute(
-        select(table.c.status, table.c.alchq_attempts).where(*_match(table, pk), rows_of(model))
-    ).first()
-    if row is None:
-        raise TaskNotFoundError(f"{model.__name__} {key_text(pk)} does not exist")
-    status = Status(row.status)
-    if status is Status.CANCELLED:
-        return status
-    if status is not Status.PROCESSING:
-        raise CancelError(
-            f"{model.__name__} {key_text(pk)} is {status}: only a PENDING or PROCESSING "
-            "task can be cancelled"
-        )
-    if _cancel_lost(conn, model, _match(table, pk)) == 1:
-        return Status.CANCELLED  # its worker is gone: nobody would see a request
-    _request_cancel(conn, table, key_text(pk), int(row.alchq_attempts))
-    return Status.PROCESSING
+    # Read first, then write only a row the read says to: an UPDATE of a row that
+    # a running task's transaction holds waits for it on MySQL, even one its WHERE
+    # would skip (InnoDB locks a row found by its key before testing the rest).
+    lost = and_(c.alchq_lease_until < utc_now(), ~owner_alive(table, workers_table(table.metadata)))
+    for _ in range(3):
+        row = conn.execute(
+            select(c.status, c.alchq_attempts, lost.label("lost")).where(
+                *_match(table, pk), rows_of(model)
+            )
+        ).first()
+        if row is None:
+            raise TaskNotFoundError(f"{model.__name__} {key_text(pk)} does not exist")
+        status = Status(row.status)
+        if status is Status.PENDING:
+            if _cancel_pending(conn, model, _match(table, pk)) == 1:
+                return Status.CANCELLED
+            continue  # claimed meanwhile: read it again
+        if status is Status.CANCELLED:
+            return status
+        if status is not Status.PROCESSING:
+            raise CancelError(
+                f"{model.__name__} {key_text(pk)} is {status}: only a PENDING or PROCESSING "
+                "task can be cancelled"
+            )
+        if row.lost and _cancel_lost(conn, model, _match(table, pk)) == 1:
+            return Status.CANCELLED  # its worker is gone: nobody would see a request
+        _request_cancel(conn, table, key_text(pk), int(row.alchq_attempts))
+        return Status.PROCESSING
+    return Status.PROCESSING if status is Status.PROCESSING else status
 
 
 def _cancel_lost(conn: Connection, model: type[BaseQueue], where: Sequence[Any]) -> int:
@@ -990,7 +1001,19 @@ def _exists(conn: Connection, table: Table) -> bool:
 
 
 def _connection(session: Session, model: type[BaseQueue]) -> Connection:
-    return session.connection(bind_arguments={"mapper": inspect(model)})
+    """The session's connection for ``model``. A transaction begun here has the
+    isolation of alchq's own (READ COMMITTED on MySQL: its REPEATABLE READ would
+    wait on the rows a running task holds, even those the statement skips)."""
+    mapper = inspect(model)
+    if not session.in_transaction():
+        bind = session.get_bind(mapper=mapper)
+        engine = bind if isinstance(bind, Engine) else bind.engine
+        level = dialect_for(engine).bookkeeping_isolation
+        if level is not None:
+            return session.connection(
+                bind_arguments={"mapper": mapper}, execution_options={"isolation_level": level}
+            )
+    return session.connection(bind_arguments={"mapper": mapper})
 
 
 def _now(conn: Connection) -> datetime:

@@ -31,6 +31,7 @@ from sqlalchemy.sql.expression import ColumnClause
 from alchq import Status
 from tests.conftest import ROOT, alchq_command, worker_env
 from tests.fault_tasks import FaultTask, fault_counter, fault_done, fault_start, fault_task
+from tests.mariadbserver import MariaDBServer
 from tests.pgserver import PgServer
 from tests.support import wait_until
 
@@ -525,6 +526,31 @@ def pg_db(pg_server: DurablePgServer) -> PgDatabase:
     name = f"f{os.getpid()}_{next(_pg_numbers)}"
     pg_server.createdb(name)
     return PgDatabase(pg_server, name, pg_server.url(name))
+
+
+@dataclass
+class MariaDBDatabase:
+    server: MariaDBServer
+    url: str
+
+
+@pytest.fixture
+def mariadb_db() -> Iterator[MariaDBDatabase]:
+    """A database on a MariaDB server of the test's own, which it may restart.
+
+    Skips when MariaDB cannot be started, unless the ``CI`` variable is set.
+    """
+    try:
+        server = MariaDBServer().start()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"MariaDB is not available: {exc}")
+    try:
+        server.createdb("faults")
+        yield MariaDBDatabase(server, server.url("faults"))
+    finally:
+        server.stop()
 
 
 def sqlite_write_lock_free(engine: Engine) -> bool:

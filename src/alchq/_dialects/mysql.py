@@ -7,7 +7,19 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Connection, Index, Table, bindparam, delete, select
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Index,
+    Table,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.exc import CompileError, DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateColumn, CreateIndex, DropIndex
@@ -128,13 +140,13 @@ _UUID_DEFAULTS = {"mariadb": "DEFAULT (uuid())", "mysql": "DEFAULT (replace(uuid
 @compiles(CreateColumn, "mysql")
 @compiles(CreateColumn, "mariadb")
 def _create_column(create: CreateColumn, compiler: DDLCompiler, **kw: Any) -> str:
-    text = str(compiler.visit_create_column(create, **kw))  # type: ignore[no-untyped-call]
-    if _PG_UUID_DEFAULT in text:
+    sql = str(compiler.visit_create_column(create, **kw))  # type: ignore[no-untyped-call]
+    if _PG_UUID_DEFAULT in sql:
         mariadb = compiler.dialect.name == "mariadb" or getattr(
             compiler.dialect, "is_mariadb", False
         )
-        text = text.replace(_PG_UUID_DEFAULT, _UUID_DEFAULTS["mariadb" if mariadb else "mysql"])
-    return text
+        sql = sql.replace(_PG_UUID_DEFAULT, _UUID_DEFAULTS["mariadb" if mariadb else "mysql"])
+    return sql
 
 
 def _names_key(exc: IntegrityError, key: str) -> bool:
@@ -218,6 +230,11 @@ class MySQLDialect(Dialect):
                 return None
             raise
         return tuple(result.inserted_primary_key or ())
+
+    def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
+        # TIMESTAMPDIFF on the naive UTC DATETIME: UNIX_TIMESTAMP() would read it in
+        # the session's time zone.
+        return func.timestampdiff(text("MINUTE"), literal_column("'1970-01-01'"), moment)
 
     def read_latest(self, stmt: Select[Any]) -> Select[Any]:
         # REPEATABLE READ (MySQL's default) reads the transaction's snapshot; a
