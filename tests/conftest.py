@@ -90,6 +90,45 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return database_url(request, tmp_path)
 
 
+# MariaDB (issue 12) is under way. `make test` runs the MariaDB variants of the
+# modules and tests below only, to stay within its 20 minutes; `make test-mariadb`
+# (ALCHQ_TEST_MARIADB=all) runs every MariaDB variant.
+MARIADB_IN_MAKE_TEST = (
+    "tests/dialects/",
+    "tests/test_plans.py",
+    "tests/test_model.py",
+    "tests/test_migrations.py",
+    "tests/test_bulk.py",
+    "tests/test_worker.py",
+    "tests/test_concurrency.py",
+    "tests/faults/test_faults.py::test_random_sigkills",
+    "tests/faults/test_faults.py::test_frozen_worker_is_fenced",
+    "tests/faults/test_faults.py::test_mariadb_server_restart",
+)
+#: MariaDB variants known not to pass yet, and why: skipped everywhere.
+MARIADB_NOT_YET = {
+    "tests/test_batches.py::test_a_batch_loads_its_tasks_from_the_claims_own_rows": (
+        "MySQL has no UPDATE ... RETURNING: a batch's claim reads its rows back with a "
+        "SELECT after its UPDATE"
+    ),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # ALCHQ_TEST_MARIADB=all: every MariaDB variant; =not-yet: the known failures too.
+    everything = os.environ.get("ALCHQ_TEST_MARIADB") in ("all", "not-yet")
+    not_yet = os.environ.get("ALCHQ_TEST_MARIADB") == "not-yet"
+    for item in items:
+        if "[mariadb" not in item.name:
+            continue
+        where = item.nodeid.split("[")[0]
+        reason = next((why for key, why in MARIADB_NOT_YET.items() if where.startswith(key)), None)
+        if reason is not None and not not_yet:
+            item.add_marker(pytest.mark.skip(reason=f"not on MariaDB yet (issue 12): {reason}"))
+        elif not everything and not where.startswith(MARIADB_IN_MAKE_TEST):
+            item.add_marker(pytest.mark.skip(reason="MariaDB: run by `make test-mariadb`"))
+
+
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty database of the kind ``request.param`` names, or a skip."""
     if request.param == "mariadb":

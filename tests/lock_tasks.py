@@ -84,5 +84,6 @@ def run_in_mode(task: LockTask | QuickLockTask, table: Table) -> None:
         elif task.mode == "other":
             conn.execute(update(lock_target).where(lock_target.c.id == 1).values(note="y"))
         elif task.mode == "read":
-            conn.execute(text("SELECT pg_sleep(4)"))
+            mysql = conn.dialect.name in ("mysql", "mariadb")
+            conn.execute(text("SELECT SLEEP(4)" if mysql else "SELECT pg_sleep(4)"))
     task.note = "done"

@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 import alchq
 from alchq import Status, metadata
-from alchq._dialects import utc_now
+from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.base import Dialect
 from alchq.config import Settings
 from alchq.exceptions import ConfigurationError
@@ -224,11 +224,18 @@ def test_prune_ages_default_to_the_settings(eng: Engine, monkeypatch: pytest.Mon
     assert ids(eng) == keep - {old_error}
 
 
+def _dialect_class(engine: Engine) -> type[Dialect]:
+    """The class of alchq's dialect for ``engine`` (whose delete_batch a test replaces)."""
+    with engine.connect():  # (SQLAlchemy knows MariaDB behind mysql:// once connected)
+        return type(dialect_for(engine))
+
+
 def test_small_batches_each_commit(eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     old = {add(eng, Status.PROCESSED, 2 * DAY) for _ in range(23)}
     young = {add(eng, Status.PROCESSED, 10 * MIN) for _ in range(5)}
     batches: list[tuple[int, int, int]] = []  # (limit, old rows committed before, deleted)
-    real = Dialect.delete_batch
+    kind = _dialect_class(eng)
+    real = kind.delete_batch
 
     def spy(self: Dialect, conn: Any, table: Any, where: Any, limit: int) -> int:
         if table.name == "alchq_progress":  # the progress of pruned tasks, pruned after
@@ -239,7 +246,7 @@ def test_small_batches_each_commit(eng: Engine, monkeypatch: pytest.MonkeyPatch)
         batches.append((limit, before, deleted))
         return deleted
 
-    monkeypatch.setattr(Dialect, "delete_batch", spy)
+    monkeypatch.setattr(kind, "delete_batch", spy)
     counts = alchq.prune(
         CountTask, engine=eng, processed=DAY, error=None, cancelled=None, batch_size=5
     )
@@ -549,11 +556,22 @@ def test_worker_prunes_periodically(eng: Engine, db_url: str, tmp_path: Path) ->
     ), output
 
 
+class _Locked(Exception):
+    """A driver's "busy" error as each database says it: SQLite's words, MySQL's
+    number (1205, a lock wait timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__(1205, "database is locked")
+
+    def __str__(self) -> str:
+        return "database is locked"
+
+
 @pytest.mark.parametrize(
     ("failure", "level", "text"),
     [
         (
-            OperationalError("DELETE", {}, Exception("database is locked")),
+            OperationalError("DELETE", {}, _Locked()),
             logging.WARNING,
             "pruning skipped, database unavailable: database is locked",
         ),
@@ -576,7 +594,7 @@ def test_failed_pruning_logs_once_and_the_worker_carries_on(
     def broken(*args: Any) -> int:
         raise failure
 
-    monkeypatch.setattr(Dialect, "delete_batch", broken)
+    monkeypatch.setattr(_dialect_class(eng), "delete_batch", broken)
     caplog.set_level(logging.INFO, logger="alchq")
     worker = Worker(CountTask, engine=eng, settings=Settings(prune_interval=3600))
 

@@ -253,6 +253,12 @@ class Executor:
             return Outcome(Kind.RELEASE, exc)
         if isinstance(exc, TaskCancelled):
             return Outcome(Kind.CANCELLED, exc, detail="cancelled while running")
+        timeout = interruption(exc)
+        if isinstance(timeout, TaskTimeoutError):
+            # Its time limit, even if the interrupt broke a connection: it can land
+            # inside a pure-Python driver's read (PyMySQL), which cannot use that
+            # connection again. Not a lost claim.
+            return failed(held, timeout, tb)
         if any(not held.dialect.is_read_only(e) for e in watch.disconnects):
             # A connection to the task's database was lost. The database down:
             # wait for it and run the task again. Up: a lost claim, counted.

@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper, Session, scoped_session
 
 from alchq._dialects import dialect_for, utc_now
 from alchq._dialects.types import UTCDateTime
@@ -1005,7 +1005,8 @@ def _connection(session: Session, model: type[BaseQueue]) -> Connection:
     isolation of alchq's own (READ COMMITTED on MySQL: its REPEATABLE READ would
     wait on the rows a running task holds, even those the statement skips)."""
     mapper = inspect(model)
-    if not session.in_transaction():
+    own = session() if isinstance(session, scoped_session) else session  # Flask-SQLAlchemy's
+    if not own.in_transaction():
         bind = session.get_bind(mapper=mapper)
         engine = bind if isinstance(bind, Engine) else bind.engine
         level = dialect_for(engine).bookkeeping_isolation

@@ -79,7 +79,7 @@ def test_sigkill_mid_batch_commits_each_effect_exactly_when_processed(
         workers.stop_all_cleanly()
         wait_until(lambda: _commits(queue) > before, 10, what="commit counts")
         assert _commits(queue) - before < TASKS, "tasks did not share commits"
-    if queue.dialect == "sqlite":
+    else:
         workers.stop_all_cleanly()
     assert survivor.proc.returncode == 0
 

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
+    Engine,
     Index,
     Table,
     bindparam,
@@ -230,6 +231,32 @@ class MySQLDialect(Dialect):
                 return None
             raise
         return tuple(result.inserted_primary_key or ())
+
+    def backend_id(self, dbapi_connection: Any) -> Any:
+        thread_id = getattr(dbapi_connection, "thread_id", None)  # PyMySQL, mysqlclient
+        return thread_id() if callable(thread_id) else None
+
+    def waits_for(
+        self, engine: Engine, waiting: Any, holders: Sequence[Any], *, writing: bool, wrote: bool
+    ) -> bool | None:
+        held = [int(h) for h in holders if h is not None]
+        if waiting is None or not held:
+            return None
+        # Asked on a connection of its own: the waiting one is busy waiting. The sys
+        # schema's view (MySQL 8, MariaDB 10.6+) needs the PROCESS privilege: without
+        # it nothing can be told.
+        try:
+            with engine.connect() as conn:
+                found = conn.execute(
+                    text(
+                        "SELECT COUNT(*) FROM sys.innodb_lock_waits "
+                        "WHERE waiting_pid = :waiting AND blocking_pid IN :held"
+                    ).bindparams(bindparam("held", expanding=True)),
+                    {"waiting": int(waiting), "held": held},
+                ).scalar_one()
+        except DBAPIError:
+            return None
+        return bool(found)
 
     def epoch_minute(self, moment: ColumnElement[Any]) -> ColumnElement[int]:
         # TIMESTAMPDIFF on the naive UTC DATETIME: UNIX_TIMESTAMP() would read it in
