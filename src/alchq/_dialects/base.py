@@ -23,6 +23,7 @@ from sqlalchemy import (
     event,
     extract,
     func,
+    literal,
     select,
     tuple_,
     type_coerce,
@@ -31,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.types import DateTime, NullType
 
 if TYPE_CHECKING:
@@ -448,9 +450,32 @@ class Dialect:
 
             return ClaimPlan(returning, claim)
 
+        if self.skip_locked:
+            # No RETURNING (MySQL): lock the rows first, then update them by key in
+            # the same transaction; SKIP LOCKED keeps two workers apart. Locked, the
+            # rows cannot change in between: the pick reads each one's new token (the
+            # token's new value, computed from the row) and the UPDATE needs no
+            # re-check (which MySQL might evaluate by scanning, waiting on rows
+            # other claims hold).
+            new_token = values.get(token_column, token)
+            if not isinstance(new_token, ClauseElement):
+                new_token = literal(new_token)
+            locked = pick.with_only_columns(*pk_cols, new_token)
+
+            def pick_then_update(conn: Connection) -> list[Claim]:
+                rows = [tuple(row) for row in conn.execute(locked).all()]
+                if not rows:
+                    return []
+                n = len(pk_cols)
+                keys = [row[0] if n == 1 else row[:n] for row in rows]
+                conn.execute(update(table).where(key.in_(keys)).values(values))
+                return [Claim(row[:n], int(row[n])) for row in rows]  # in the pick's order
+
+            return ClaimPlan(pick_then_update)
+
         def in_two_steps(conn: Connection) -> list[Claim]:
-            # No RETURNING (MySQL): lock the rows first, then update them by key
-            # in the same transaction; SKIP LOCKED keeps two workers apart.
+            # Neither RETURNING nor SKIP LOCKED: the rows are not locked when picked,
+            # so the UPDATE checks them again and the tokens are read back.
             pks = [tuple(row) for row in conn.execute(pick).all()]
             if not pks:
                 return []
