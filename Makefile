@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-mariadb test-slow lint typecheck bench bench-large clean
+.PHONY: demo test test-slow lint typecheck bench bench-large clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,9 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(BIN)/mypy src tests benchmarks
 
-# Two pytest workers, one test file each at a time (a file's tests share their
-# servers and models); most tests wait on worker processes, not the CPU.
-XDIST ?= -n 2 --dist loadfile
+# Three pytest workers, one test file each at a time (a file's tests share their
+# servers and models); most tests wait on worker processes and timers, not the CPU.
+XDIST ?= -n 3 --dist loadfile
 
 # The 3-minute periodic-scheduler test mostly waits for ticks: it runs alongside
 # the rest of the suite (its own pytest, its own PostgreSQL) to keep CI short.
@@ -42,11 +42,6 @@ test: lint typecheck
 	echo "--- the periodic-scheduler test, run alongside (exit $$bgrc) ---"; \
 	tail -n 40 .periodic-test.log; \
 	test $$rc -eq 0 && test $$bgrc -eq 0
-
-# Every MariaDB variant (make test runs a part of them: see tests/conftest.py).
-test-mariadb: $(VENV)/.test
-	ALCHQ_TEST_MARIADB=all $(BIN)/python -m pytest -m "not slow and not periodic3m" -k mariadb \
-		$(XDIST) $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
