@@ -105,12 +105,7 @@ MARIADB_SOME = (
     "tests/faults/test_faults.py::test_mariadb_server_restart",
 )
 #: MariaDB variants known not to pass yet, and why: skipped everywhere.
-MARIADB_NOT_YET = {
-    "tests/test_batches.py::test_a_batch_loads_its_tasks_from_the_claims_own_rows": (
-        "MySQL has no UPDATE ... RETURNING: a batch's claim reads its rows back with a "
-        "SELECT after its UPDATE"
-    ),
-}
+MARIADB_NOT_YET: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from alchq import Status, worker
+from alchq._dialects import dialect_for
 from alchq.worker import Worker
 from tests.fault_tasks import UNLOADABLE
 from tests.models_batch import (
@@ -237,8 +238,16 @@ def test_a_batch_loads_its_tasks_from_the_claims_own_rows(eng: Engine) -> None:
     finally:
         event.remove(eng, "before_cursor_execute", seen)
     assert {r.status for r in _state(eng, BatchTask).values()} == {Status.PROCESSED}
-    # Only the first task, claimed alone, is loaded by a SELECT of its own.
-    assert len(selects) == 1, selects
+    if dialect_for(eng).returning:
+        # Only the first task, claimed alone, is loaded by a SELECT of its own.
+        assert len(selects) == 1, selects
+    else:
+        # No UPDATE ... RETURNING (MySQL): besides each claim's pick (FOR UPDATE), a
+        # batch's rows are read back in one SELECT ... IN, never one by one.
+        picks = [s for s in selects if "FOR UPDATE" in s]
+        batch_reads = [s for s in selects if "FOR UPDATE" not in s and " IN (" in s]
+        one_by_one = [s for s in selects if s not in picks and s not in batch_reads]
+        assert len(one_by_one) == 1 and len(batch_reads) < len(ids) // 10, selects
 
 
 def test_a_row_that_cannot_be_loaded_in_a_batch_fails_alone(eng: Engine) -> None:

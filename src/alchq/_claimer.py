@@ -89,22 +89,32 @@ class Claimer:
         table = task_table(model)
         plan = self._plan(model, engine, limit)
         pk = list(table.primary_key.columns)
-        if (
-            plan.statement is None
-            or len(pk) != 1
-            or time.monotonic() < self._no_load.get(model, 0.0)
-        ):
+        if len(pk) != 1 or time.monotonic() < self._no_load.get(model, 0.0):
             return self.claim(session, model, limit), {}
-        stmt = self._loading.get((model, id(engine), limit))
-        if stmt is None:
-            stmt = self._loading[(model, id(engine), limit)] = select(model).from_statement(
-                plan.statement.returning(*table.c)
-            )
+        stmt = None
+        if plan.statement is not None:
+            stmt = self._loading.get((model, id(engine), limit))
+            if stmt is None:
+                stmt = self._loading[(model, id(engine), limit)] = select(model).from_statement(
+                    plan.statement.returning(*table.c)
+                )
         try:
-            self.binds.connection(session, model, bookkeeping=True)
+            conn = self.binds.connection(session, model, bookkeeping=True)
             try:
-                result = session.execute(stmt, execution_options={"populate_existing": True})
-                tasks = list(result.scalars())
+                fresh = {"populate_existing": True}
+                if stmt is not None:
+                    tasks = list(session.execute(stmt, execution_options=fresh).scalars())
+                else:
+                    # No one-statement claim (MySQL): claim, then read the claimed
+                    # rows in one SELECT, still in the claim's transaction (they
+                    # are locked: what is read is what the claim wrote).
+                    keys = [claim.pk[0] for claim in plan(conn)]
+                    read = select(model).where(pk[0].in_(keys))
+                    tasks = (
+                        list(session.execute(read, execution_options=fresh).scalars())
+                        if keys
+                        else []
+                    )
             except DBAPIError as exc:
                 if not self.binds.dialect(engine).is_schema_mismatch(exc):
                     raise
