@@ -8,8 +8,10 @@ turns a failed first contact into a clear one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import DBAPIError
@@ -135,12 +137,14 @@ class Binds:
         """
         mapper = inspect(model)
         if bookkeeping and not session.in_transaction():
-            level = self.dialect(self.engine(session, model)).bookkeeping_isolation
+            engine = self.engine(session, model)
+            level = self.dialect(engine).bookkeeping_isolation
             if level is not None:
-                return session.connection(
-                    bind_arguments={"mapper": mapper},
-                    execution_options={"isolation_level": level},
-                )
+                with _driver_errors(engine):
+                    return session.connection(
+                        bind_arguments={"mapper": mapper},
+                        execution_options={"isolation_level": level},
+                    )
         return session.connection(bind_arguments={"mapper": mapper})
 
     def connect(self, engine: Engine) -> Connection:
@@ -148,7 +152,8 @@ class Binds:
         conn = engine.connect()
         level = self.dialect(engine).bookkeeping_isolation
         if level is not None:
-            conn.execution_options(isolation_level=level)
+            with _driver_errors(engine):
+                conn.execution_options(isolation_level=level)
         return conn
 
     def dialect(self, engine: Engine) -> Dialect:
@@ -206,6 +211,24 @@ class Binds:
             return exc
         # At the first contact: one clear line instead of a traceback.
         return DatabaseError(f"{refusal(dialect, exc)} in {safe_url(engine)}: {first_line(exc)}")
+
+
+@contextlib.contextmanager
+def _driver_errors(engine: Engine) -> Iterator[None]:
+    """Driver errors as SQLAlchemy's DBAPIError, as every statement's are.
+
+    Setting a connection's isolation level is a statement on MySQL, sent by
+    SQLAlchemy outside its error handling: a server going away there raised the
+    driver's own error, which nothing expected, and the worker died.
+    """
+    dbapi = engine.dialect.loaded_dbapi
+    try:
+        yield
+    except dbapi.Error as exc:
+        wrapped = DBAPIError.instance(
+            None, None, exc, dbapi.Error, dialect=engine.dialect, connection_invalidated=True
+        )
+        raise wrapped from exc
 
 
 def refusal(dialect: Dialect, exc: BaseException) -> str:
