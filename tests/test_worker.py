@@ -752,3 +752,35 @@ def test_a_composite_primary_key_is_claimed_rescued_and_pruned(tables: Engine) -
         "ERROR": 0,
         "CANCELLED": 0,
     }
+
+
+def test_forgetting_gone_workers_skips_a_registry_row_a_frozen_heartbeat_holds(
+    engine: Engine,
+) -> None:
+    """A worker frozen inside its heartbeat's transaction holds its registry row: the
+    rescue's clean-up of long-gone workers must not wait for it (on MySQL a DELETE
+    waits even for a row its WHERE leaves out, and the rescue then never ran)."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite: the frozen heartbeat would hold the whole file")
+    from alchq._dialects import dialect_for, utc_now
+    from alchq._registry import forget_gone
+    from alchq.model import task_table, workers_table
+
+    metadata.create_all(engine)
+    table = task_table(CountTask)
+    workers = workers_table(table.metadata)
+    row = {"host": "h", "pid": 1, "models": "CountTask", "version": "0"}
+    with engine.begin() as conn:
+        conn.execute(insert(workers).values(**row, id="frozen", expires_at=utc_now(60)))
+        conn.execute(insert(workers).values(**row, id="gone", expires_at=utc_now(-2 * 3600)))
+    with engine.connect() as frozen:
+        frozen.execute(
+            workers.update().where(workers.c.id == "frozen").values(heartbeat_at=utc_now())
+        )  # held, uncommitted
+        with engine.connect() as conn:
+            dialect = dialect_for(engine)
+            with conn.begin(), dialect.short_lock_wait(conn, 2):
+                assert forget_gone(conn, table, dialect) == 1
+        frozen.rollback()
+    with engine.connect() as conn:
+        assert set(conn.execute(select(workers.c.id)).scalars()) == {"frozen"}

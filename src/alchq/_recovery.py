@@ -132,7 +132,7 @@ class Rescuer:
         # A subclass's worker (single-table inheritance) recovers its own rows only.
         mine = rows_of(model)
         owners = lost_owners(conn, table, (expired(table) | owed_error(table)) & mine)
-        forget_gone(conn, table)
+        forget_gone(conn, table, dialect)
         session.commit()
         if not owners:
             return [], [], []

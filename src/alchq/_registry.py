@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from alchq import events
 from alchq._binds import Binds, refusal, table_missing
-from alchq._dialects import utc_now
+from alchq._dialects import Dialect, utc_now
 from alchq._link import link
 from alchq._liveness import process_start, running_here, this_node
 from alchq._util import first_line, safe_url
@@ -290,8 +290,13 @@ def alive_here(owners: Iterable[Any]) -> list[str]:
     ]
 
 
-def forget_gone(conn: Connection, table: Table) -> int:
-    """Delete registry rows of workers gone for over :data:`FORGET_AFTER` seconds."""
+def forget_gone(conn: Connection, table: Table, dialect: Dialect) -> int:
+    """Delete registry rows of workers gone for over :data:`FORGET_AFTER` seconds
+    (up to a thousand a time).
+
+    Rows locked by others are skipped: a frozen worker's heartbeat may hold its
+    own row, and on MySQL a DELETE waits even for rows its WHERE leaves out.
+    """
     workers = workers_table(table.metadata)
     stale = workers.c.expires_at < utc_now(-FORGET_AFTER)
-    return conn.execute(delete(workers).where(stale)).rowcount
+    return dialect.delete_batch(conn, workers, stale, 1000)
