@@ -28,9 +28,9 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(BIN)/mypy src tests benchmarks
 
-# Three pytest workers, one test file each at a time (a file's tests share their
+# Four pytest workers, one test file each at a time (a file's tests share their
 # servers and models); most tests wait on worker processes and timers, not the CPU.
-XDIST ?= -n 3 --dist loadfile
+XDIST ?= -n 4 --dist loadfile
 
 # The 3-minute periodic-scheduler test mostly waits for ticks: it runs alongside
 # the rest of the suite (its own pytest, its own PostgreSQL) to keep CI short.
