@@ -129,12 +129,15 @@ PICK = (
 TAKE = "UPDATE {t} SET status='PROCESSING', alchq_attempts=alchq_attempts+1 WHERE id IN ({ids})"
 
 
-def bare_mysql(url: str, table: str, per_trip: int) -> tuple[int, float]:
-    """:func:`bare` with PyMySQL: pick and lock, take, commit; complete, commit."""
-    import pymysql  # type: ignore[import-untyped]
+def bare_mysql(url: str, table: str, per_trip: int, driver: Any = None) -> tuple[int, float]:
+    """:func:`bare` with PyMySQL (or ``driver``, a DB-API module with PyMySQL's
+    ``connect()`` keywords): pick and lock, take, commit; complete, commit."""
+    if driver is None:
+        import pymysql  # type: ignore[import-untyped]
 
+        driver = pymysql
     u = make_url(url)
-    conn = pymysql.connect(
+    conn = driver.connect(
         host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
     )
     cur = conn.cursor()

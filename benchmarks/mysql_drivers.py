@@ -17,8 +17,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
-from typing import Any
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
@@ -31,44 +29,14 @@ from tests.mariadbserver import MariaDBServer  # noqa: E402
 from benchmarks import drain  # noqa: E402
 
 
-def _connect(driver: str, url: str) -> Any:
-    u = make_url(url)
-    if driver == "pymysql":
-        import pymysql  # type: ignore[import-untyped]
-
-        return pymysql.connect(
-            host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
-        )
-    import MySQLdb  # type: ignore[import-untyped,import-not-found,unused-ignore]
-
-    return MySQLdb.connect(
-        host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
-    )
-
-
 def bare(driver: str, url: str, table: str, per_trip: int) -> float:
     """The bare driver's drain of the filled table: tasks per second."""
-    conn = _connect(driver, url)
-    cur = conn.cursor()
-    cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-    pick = drain.PICK.format(t=table, limit=per_trip)
-    done = 0
-    start = time.perf_counter()
-    while True:
-        cur.execute(pick)
-        ids = [row[0] for row in cur.fetchall()]
-        if not ids:
-            conn.commit()
-            break
-        marks = ", ".join(["%s"] * len(ids))
-        cur.execute(drain.TAKE.format(t=table, ids=marks), ids)
-        conn.commit()
-        cur.execute(drain.DONE.format(t=table, ids=marks), ids)
-        conn.commit()
-        done += len(ids)
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return done / elapsed
+    if driver == "pymysql":
+        import pymysql as module  # type: ignore[import-untyped]
+    else:
+        import MySQLdb as module  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    done, seconds = drain.bare_mysql(url, table, per_trip, module)
+    return done / seconds
 
 
 def main() -> None:
