@@ -2,10 +2,11 @@
 
 Run: ``make bench`` (or ``python -m benchmarks.enqueue [--tasks N]``).
 
-Measured in the same run, on a throwaway PostgreSQL server at default durability
-and on an SQLite file (WAL, as workers use it):
+Measured in the same run, on a throwaway PostgreSQL server at default durability,
+a throwaway MariaDB server (every commit flushed) and on an SQLite file (WAL, as
+workers use it):
 
-* ``bare``: psycopg (sqlite3) inserting one row per transaction (the ceiling);
+* ``bare``: psycopg (sqlite3, PyMySQL) inserting one row per transaction (the ceiling);
 * ``plain ORM``: the same through a SQLAlchemy Session, into a plain table
   (what the ORM itself costs);
 * ``alchq``: ``session.add(Task()); session.commit()``, one task each;
@@ -15,9 +16,9 @@ and on an SQLite file (WAL, as workers use it):
   default: each commit is announced to idle workers) and off
   (``ALCHQ_NOTIFY=off``). The ratio on/off shows whether NOTIFY's commit lock
   limits enqueue traffic; it should stay near 1 (alchq sends NOTIFY from a
-  background thread, coalesced, outside the app's transaction). SQLite has no
-  notifications: there the 8 clients are measured against the bare driver's 8
-  (one writer at a time, whoever writes).
+  background thread, coalesced, outside the app's transaction). SQLite and
+  MariaDB have no notifications: there the 8 clients are measured against the
+  bare driver's 8.
 
 Every run counts the rows it inserted.
 """
@@ -89,12 +90,35 @@ def _sqlite(url: str) -> sqlite3.Connection | None:
     return sqlite3.connect(u.database or "", timeout=30, isolation_level=None)
 
 
+def _mysql(url: str, autocommit: bool) -> Any:
+    """A PyMySQL connection for a MariaDB/MySQL URL, else None."""
+    u = make_url(url)
+    if u.get_backend_name() not in ("mysql", "mariadb"):
+        return None
+    import pymysql  # type: ignore[import-untyped]
+
+    return pymysql.connect(
+        host=u.host,
+        port=u.port,
+        user=u.username,
+        password=u.password,
+        database=u.database,
+        autocommit=autocommit,
+    )
+
+
 def bare(url: str, n: int) -> None:
     lite = _sqlite(url)
     if lite is not None:
         with contextlib.closing(lite):
             for _ in range(n):
                 lite.execute("INSERT INTO enqueue_task DEFAULT VALUES")  # autocommit
+        return
+    my = _mysql(url, autocommit=True)
+    if my is not None:
+        with contextlib.closing(my), my.cursor() as cursor:
+            for _ in range(n):
+                cursor.execute("INSERT INTO enqueue_task () VALUES ()")
         return
     raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(raw, autocommit=True) as conn:
@@ -129,6 +153,12 @@ def bare_bulk(url: str, n: int) -> None:
             lite.execute("BEGIN")
             lite.executemany("INSERT INTO enqueue_task (priority) VALUES (?)", [(0,)] * n)
             lite.execute("COMMIT")
+        return
+    my = _mysql(url, autocommit=False)
+    if my is not None:
+        with contextlib.closing(my), my.cursor() as cursor:
+            cursor.executemany("INSERT INTO enqueue_task (priority) VALUES (%s)", [(0,)] * n)
+            my.commit()
         return
     raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(raw) as conn, conn.cursor() as cursor:
@@ -192,7 +222,7 @@ def rows(name: str, url: str, n: int) -> list[dict[str, Any]]:
         {**row, "what": f"enqueue_many, {bulk:,} in one transaction", "value": alchq_bulk,
          "ratio": alchq_bulk / bare_bulk, "ceiling": f"bare executemany {bare_bulk:.0f}/s"},
     ]  # fmt: skip
-    if name == "sqlite":  # no notifications: 8 clients against the bare driver's 8
+    if name in ("sqlite", "mariadb"):  # no notifications: 8 clients against the bare driver's 8
         on, bare8 = best("alchq", per, CLIENTS), best("bare", per, CLIENTS)
         out.append(
             {**row, "what": f"enqueue, {CLIENTS} clients", "value": on,
@@ -213,12 +243,19 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
+    from tests.mariadbserver import MariaDBServer
     from tests.pgserver import PgServer
 
-    with tempfile.TemporaryDirectory() as tmp, PgServer(durable=True) as pg:  # default durability
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PgServer(durable=True) as pg,  # default durability
+        MariaDBServer(durable=True) as mariadb,
+    ):
         pg.createdb("enqueue")
+        mariadb.createdb("enqueue")
         found = rows("sqlite", f"sqlite:///{tmp}/enqueue.sqlite", args.tasks)
         found += rows("postgresql", pg.url("enqueue"), args.tasks)
+        found += rows("mariadb", mariadb.url("enqueue"), args.tasks)
     for r in found:
         figure = f"{r['db']:<11} {r['what']:<46} {r['value']:8.0f}/s"
         print(f"{figure}  {r['ratio']:5.2f} of {r['ceiling']}")
