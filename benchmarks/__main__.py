@@ -7,9 +7,10 @@ On a throwaway PostgreSQL server at its default durability, a throwaway MariaDB
 server at its own (every commit flushed), and on an SQLite file: enqueue (one
 per transaction, in bulk, 8 concurrent clients with notifications on and off),
 enqueue-to-start latency with an idle worker at default settings, drains by
-worker processes (see :mod:`benchmarks.drain`), and a worker's memory over many tasks. Each figure is printed beside its ratio
-to a ceiling measured in the same run with the bare driver; compare ratios,
-not absolute numbers: these machines are noisy.
+worker processes (see :mod:`benchmarks.drain`), and a worker's memory over many
+tasks. Each figure is printed beside its ratio to a ceiling measured in the
+same run with the bare driver; compare ratios, not absolute numbers: these
+machines are noisy.
 """
 
 from __future__ import annotations
