@@ -449,7 +449,9 @@ def test_worker_serves_metrics_on_its_port(workers: Workers, db: Engine) -> None
             except OSError:
                 return None
             page: str = body.read().decode()
+            # Every outcome counted: the worker processes' counters arrive one by one.
             done = 'alchq_tasks_failed_total{model="MonQuick"} 1.0' in page
+            done = done and 'alchq_tasks_processed_total{model="MonQuick"} 2.0' in page
             return page if done and "alchq_workers_alive 2.0" in page else None
 
         page = wait_until(scrape, 30, "metrics with the three outcomes and both workers")
