@@ -24,7 +24,7 @@ from alchq._dialects.base import (
     ready_index_kwargs,
     utc_now,
 )
-from alchq._dialects.mysql import MariaDBDialect, MySQLDialect
+from alchq._dialects.mysql import MariaDBDialect, MySQLDialect, is_mariadb
 from alchq._dialects.postgresql import PostgreSQLDialect
 from alchq._dialects.sqlite import SQLiteDialect
 
@@ -56,7 +56,5 @@ DIALECTS: dict[str, type[Dialect]] = {
 
 def dialect_for(engine: Engine) -> Dialect:
     """The :class:`Dialect` for an engine, chosen from its dialect name."""
-    name = engine.dialect.name
-    if name == "mysql" and getattr(engine.dialect, "is_mariadb", False):
-        name = "mariadb"  # a mysql:// URL, found to be MariaDB when it connected
+    name = "mariadb" if is_mariadb(engine.dialect) else engine.dialect.name
     return DIALECTS.get(name, Dialect)()

@@ -143,11 +143,15 @@ _UUID_DEFAULTS = {"mariadb": "DEFAULT (uuid())", "mysql": "DEFAULT (replace(uuid
 def _create_column(create: CreateColumn, compiler: DDLCompiler, **kw: Any) -> str:
     sql = str(compiler.visit_create_column(create, **kw))  # type: ignore[no-untyped-call]
     if _PG_UUID_DEFAULT in sql:
-        mariadb = compiler.dialect.name == "mariadb" or getattr(
-            compiler.dialect, "is_mariadb", False
-        )
-        sql = sql.replace(_PG_UUID_DEFAULT, _UUID_DEFAULTS["mariadb" if mariadb else "mysql"])
+        kind = "mariadb" if is_mariadb(compiler.dialect) else "mysql"
+        sql = sql.replace(_PG_UUID_DEFAULT, _UUID_DEFAULTS[kind])
     return sql
+
+
+def is_mariadb(dialect: Any) -> bool:
+    """Is this SQLAlchemy dialect MariaDB's (also behind a mysql:// URL, which
+    SQLAlchemy keeps naming mysql once it has found MariaDB)?"""
+    return dialect.name == "mariadb" or bool(getattr(dialect, "is_mariadb", False))
 
 
 def _names_key(exc: IntegrityError, key: str) -> bool:
@@ -210,8 +214,10 @@ class MySQLDialect(Dialect):
     def insert_unless_conflict(
         self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]], unique: UniqueKey
     ) -> int:
-        free = [r for r in rows if any(r.get(c.key) is None for c in unique.columns)]
-        keyed = [r for r in rows if all(r.get(c.key) is not None for c in unique.columns)]
+        free: list[dict[str, Any]] = []
+        keyed: list[dict[str, Any]] = []
+        for row in rows:
+            (keyed if all(row.get(c.key) is not None for c in unique.columns) else free).append(row)
         if free:  # a NULL in the key collides with nothing: together
             conn.execute(table.insert(), free)
         inserted = sum(
